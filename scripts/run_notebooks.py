@@ -1,0 +1,92 @@
+"""Execute the notebooks in one run profile, time each one, and optionally store the outputs and the timings.
+
+    python scripts/run_notebooks.py --profile cpu --store --report docs/benchmarks.md    (make notebooks)
+    python scripts/run_notebooks.py --profile smoke 03                                    time chapter 3 only
+
+Each notebook is first synced from its jupytext .py pair, then run top to bottom in a fresh kernel of this Python,
+from the notebooks/ folder, with COURSE_PROFILE set. --store writes the executed notebook (outputs included) back;
+--report rewrites this profile's table in the given markdown file (between marker comments).
+"""
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sync_notebooks import NOTEBOOKS, sync  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        cpu = re.search(r"Model name:\s*(.+)", model).group(1).strip()
+    except (OSError, AttributeError):
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+def run(path: Path, profile: str, store: bool) -> float:
+    sync(path.with_suffix(".py"))
+    notebook = nbformat.read(path, as_version=4)
+    os.environ["COURSE_PROFILE"] = profile
+    client = NotebookClient(notebook, timeout=None, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}})
+    start = time.perf_counter()
+    client.execute()
+    seconds = time.perf_counter() - start
+    if store:
+        nbformat.write(notebook, path)
+    return seconds
+
+
+def write_report(report: Path, profile: str, rows: list[tuple[str, float]], command: str) -> None:
+    begin, end = f"<!-- notebooks:{profile}:begin -->", f"<!-- notebooks:{profile}:end -->"
+    table = [
+        begin,
+        f"Profile `{profile}`, measured {date.today()} on {machine()}, with `{command}`:",
+        "",
+        "| notebook | wall time (s) |",
+        "|---|---:|",
+        *[f"| {name} | {seconds:.0f} |" for name, seconds in rows],
+        end,
+    ]
+    text = report.read_text() if report.exists() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + "\n".join(table) + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(table) + "\n"
+    report.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("chapters", nargs="*", help="chapter numbers (e.g. 01 03); all when omitted")
+    parser.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default="cpu")
+    parser.add_argument("--store", action="store_true", help="write the outputs back into the .ipynb files")
+    parser.add_argument("--report", type=Path, help="markdown file whose timing table for this profile is rewritten")
+    args = parser.parse_args()
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+    if args.chapters:
+        paths = [p for p in paths if p.name[:2] in args.chapters]
+    rows = []
+    for path in paths:
+        seconds = run(path.with_suffix(".ipynb"), args.profile, args.store)
+        rows.append((path.stem, seconds))
+        print(f"{path.stem}: {seconds:.1f} s ({args.profile})", flush=True)
+    if args.report:
+        if args.chapters:
+            sys.exit("--report rewrites the whole table: run it over every notebook (no chapter arguments)")
+        write_report(args.report, args.profile, rows, "python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
