@@ -30,17 +30,35 @@ def data_dir() -> Path:
     return Path(override) if override else Path(__file__).resolve().parents[1] / "data"
 
 
+def read_manifest(manifest: Path) -> dict[str, str]:
+    """{file name: sha256} from a SHA256SUMS file (the format `sha256sum -c` reads); empty if it does not exist."""
+    entries = {}
+    if manifest.exists():
+        for line in manifest.read_text().splitlines():
+            if line.strip():
+                digest, name = line.split(maxsplit=1)
+                entries[name.strip()] = digest
+    return entries
+
+
+def record_sha256(path: Path) -> str:
+    """Write path's sha256 into the SHA256SUMS beside it, keeping the other entries; returns the digest."""
+    manifest = path.parent / "SHA256SUMS"
+    entries = read_manifest(manifest)
+    entries[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items())))
+    return entries[path.name]
+
+
 def expected_sha256(path: Path) -> str:
     """The sha256 that data/SHA256SUMS records for `path` (raises if it records none)."""
     manifest = path.parent / "SHA256SUMS"
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} is missing: it lists the sha256 of every shipped file")
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            if name.strip() == path.name:
-                return digest
-    raise KeyError(f"{manifest} has no entry for {path.name}")
+    entries = read_manifest(manifest)
+    if path.name not in entries:
+        raise KeyError(f"{manifest} has no entry for {path.name}")
+    return entries[path.name]
 
 
 def verify_file(path: Path, rebuild_command: str) -> None:

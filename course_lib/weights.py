@@ -1,0 +1,58 @@
+"""Shipped weights: safetensors files with a JSON card beside them, checked against data/SHA256SUMS, no pickle.
+
+Every shipped model is `data/NAME.safetensors` (the tensors) plus `data/NAME.json` (the card: how to build the
+model, the schedule it was trained with, and the command, machine and time that produced it). Weights are stored
+in float16 to keep the files small and loaded back as float32.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from course_lib.data import data_dir, record_sha256, verify_file
+
+STORAGE_DTYPE = torch.float16
+
+
+def save_weights(model: torch.nn.Module, name: str, card: dict, folder: Path | None = None) -> Path:
+    """Write NAME.safetensors (float16) and NAME.json, and record both sha256 in the folder's SHA256SUMS."""
+    folder = Path(folder) if folder is not None else data_dir()
+    tensors = {key: value.detach().to("cpu", STORAGE_DTYPE).contiguous() for key, value in model.state_dict().items()}
+    weights_path, card_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    save_file(tensors, weights_path, metadata={"card": f"{name}.json"})
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    record_sha256(weights_path)
+    record_sha256(card_path)
+    return weights_path
+
+
+def load_card(name: str, folder: Path | None = None) -> dict:
+    """The JSON card of a shipped model, checked against the manifest."""
+    folder = Path(folder) if folder is not None else data_dir()
+    path = folder / f"{name}.json"
+    verify_file(path, f"the training script named in the model card (see data/README.md) for {name}")
+    return json.loads(path.read_text())
+
+
+def load_weights(model: torch.nn.Module, name: str, folder: Path | None = None) -> torch.nn.Module:
+    """Load NAME.safetensors into `model` (float32, on the model's device) after checking its sha256."""
+    folder = Path(folder) if folder is not None else data_dir()
+    path = folder / f"{name}.safetensors"
+    verify_file(path, f"the training script named in data/{name}.json (see data/README.md)")
+    tensors = load_file(path)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    misshapen = [
+        f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if tensors[key].shape != value.shape
+    ]
+    if misshapen:
+        raise ValueError(f"{path} does not fit this model (file vs model shapes): {misshapen[:3]}")
+    device = next(model.parameters()).device
+    model.load_state_dict({key: value.to(device, expected[key].dtype) for key, value in tensors.items()})
+    return model.eval()

@@ -1,0 +1,100 @@
+"""Train the course's unconditional digit model (chapters 4-5) and export it to data/: resumable, time-budgeted.
+
+    python scripts/train_unet.py --budget-minutes 60          train for up to an hour, resuming runs/unet_mnist_eps.pt
+    python scripts/train_unet.py --budget-minutes 0 --export  write data/unet_mnist_eps.{safetensors,json} from it
+
+Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
+exactly where it stopped. The recipe (model, schedule, optimiser) is fixed below so that every session trains the
+same run; change NAME to start another.
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from course_lib.data import load_digits
+from course_lib.nets.unet import UNet
+from course_lib.profiles import get_device
+from course_lib.schedules import make_schedule
+from course_lib.train import TrainConfig, train
+from course_lib.weights import save_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "unet_mnist_eps"
+MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
+SCHEDULE = dict(name="cosine", T=1000)
+CONFIG = TrainConfig(
+    steps=6000,
+    batch_size=128,
+    lr=2e-3,
+    warmup=200,
+    grad_clip=1.0,
+    ema_decay=0.999,
+    prediction_type="eps",
+    min_snr_gamma=5.0,
+    seed=0,
+    checkpoint_every_s=300,
+)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-minutes", type=float, required=True, help="wall-clock budget of this call")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / f"{NAME}.pt")
+    parser.add_argument("--export", action="store_true", help="export the EMA weights to data/ after training")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = get_device()
+    torch.manual_seed(CONFIG.seed)
+    model = UNet(**MODEL).to(device)
+    images, _ = load_digits("train")
+    schedule = make_schedule(**SCHEDULE)
+    start = time.perf_counter()
+    state, ema = train(
+        model, schedule, images.to(device), CONFIG, budget_s=args.budget_minutes * 60, checkpoint=args.checkpoint
+    )
+    print(
+        f"step {state.step}/{CONFIG.steps}, {state.step * CONFIG.batch_size} images, "
+        f"loss (mean of the last 100) {sum(state.losses[-100:]) / max(1, len(state.losses[-100:])):.4f}, "
+        f"this call {time.perf_counter() - start:.0f} s, all sessions {state.seconds / 60:.1f} min"
+    )
+    if args.export:
+        card = {
+            "model": {"class": "course_lib.nets.unet.UNet", **MODEL},
+            "schedule": SCHEDULE,
+            "prediction_type": CONFIG.prediction_type,
+            "training": {
+                **asdict(CONFIG),
+                "steps_done": state.step,
+                "images_seen": state.step * CONFIG.batch_size,
+                "data": "data/mnist5k.parquet, split train (4,000 digits)",
+                "wall_minutes": round(state.seconds / 60, 1),
+                "machine": machine(),
+                "command": "python scripts/train_unet.py --budget-minutes N (resumed until done), then --export",
+            },
+            "weights": "EMA weights, stored as float16",
+        }
+        path = save_weights(ema.model, NAME, card)
+        print(f"exported {path.relative_to(ROOT)} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The UNet (shapes, conditioning hook, zero-initialised output), resumable training, and shipped-weight files."""
+
+import json
+
+import pytest
+import torch
+
+from course_lib.data import read_manifest
+from course_lib.nets.unet import UNet
+from course_lib.schedules import make_schedule
+from course_lib.train import TrainConfig, train
+from course_lib.weights import load_card, load_weights, save_weights
+
+TINY = dict(channels=(8, 16), blocks=(1, 1), attention=(False, True), heads=2, groups=4)
+
+
+def test_unet_shapes_and_conditioning_hook():
+    model = UNet(**TINY, cond_dim=5)
+    x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
+    assert model(x, t).shape == (3, 1, 28, 28)
+    assert model(x, t, torch.randn(3, 5)).shape == (3, 1, 28, 28)
+    latent = UNet(in_channels=4, channels=(16, 32), blocks=(1, 1), attention=(False, True), groups=4)
+    assert latent(torch.randn(2, 4, 8, 8), torch.tensor([1, 2])).shape == (2, 4, 8, 8)
+
+
+def test_unet_starts_as_zero_and_rejects_bad_input():
+    model = UNet(**TINY)
+    assert model(torch.randn(2, 1, 28, 28), torch.tensor([3, 4])).abs().max() == 0  # zero-initialised output
+    with pytest.raises(ValueError, match=r"divisible by 2; got shape \(2, 1, 27, 27\)"):
+        model(torch.randn(2, 1, 27, 27), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="built without cond_dim"):
+        model(torch.randn(2, 1, 28, 28), torch.tensor([3, 4]), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="one entry per level"):
+        UNet(channels=(8, 16), blocks=(1,), attention=(False, True))
+
+
+def test_training_overfits_one_batch_and_resumes_exactly(tmp_path):
+    """Loss falls on a tiny fixed set; a run cut in two by a time budget ends where one uninterrupted run ends."""
+    schedule, data = make_schedule("cosine", 100), torch.rand(8, 1, 8, 8) * 2 - 1
+    config = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, ema_decay=0.9)
+
+    torch.manual_seed(0)
+    whole = UNet(**TINY)
+    state, ema = train(whole, schedule, data, config, progress=False)
+    assert sum(state.losses[-10:]) < 0.6 * sum(state.losses[:10])
+
+    torch.manual_seed(0)
+    split = UNet(**TINY)
+    checkpoint = tmp_path / "run.pt"
+    first, _ = train(split, schedule, data, config, budget_s=0.0, checkpoint=checkpoint, progress=False)
+    assert first.step == 1  # the budget stopped it after one step
+    torch.manual_seed(123)  # a new session: nothing but the checkpoint carries over
+    resumed_model = UNet(**TINY)
+    second, resumed_ema = train(resumed_model, schedule, data, config, checkpoint=checkpoint, progress=False)
+    assert second.step == 60 and second.losses == pytest.approx(state.losses, rel=1e-5)
+    for a, b in zip(resumed_ema.model.parameters(), ema.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_resuming_with_another_configuration_is_refused(tmp_path):
+    schedule, data = make_schedule("cosine", 100), torch.rand(8, 1, 8, 8)
+    checkpoint = tmp_path / "run.pt"
+    train(UNet(**TINY), schedule, data, TrainConfig(steps=2, batch_size=4), checkpoint=checkpoint, progress=False)
+    with pytest.raises(ValueError, match=r"another configuration.*'lr': \(0.003, 0.01\)"):
+        train(UNet(**TINY), schedule, data, TrainConfig(steps=2, batch_size=4, lr=0.01), checkpoint=checkpoint)
+
+
+def test_weights_round_trip_and_damage_is_caught(tmp_path):
+    model = UNet(**TINY)
+    torch.nn.init.normal_(model.conv_out.weight)
+    save_weights(model, "tiny", {"model": TINY}, folder=tmp_path)
+    assert set(read_manifest(tmp_path / "SHA256SUMS")) == {"tiny.safetensors", "tiny.json"}
+    assert load_card("tiny", tmp_path) == json.loads(json.dumps({"model": TINY}))
+    loaded = load_weights(UNet(**TINY), "tiny", tmp_path)
+    assert torch.allclose(loaded.conv_out.weight, model.conv_out.weight, atol=1e-2)  # stored in float16
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_weights(UNet(channels=(8, 32), blocks=(1, 1), attention=(False, True), groups=4), "tiny", tmp_path)
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ValueError, match="tiny.safetensors is damaged"):
+        load_weights(UNet(**TINY), "tiny", tmp_path)
