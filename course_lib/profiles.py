@@ -12,6 +12,7 @@ The device comes from `get_device()` (CUDA, then Apple's MPS, then the CPU; `COU
 """
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +88,14 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | None = None) -> tor
     """
     draw_device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=draw_device, dtype=x.dtype).to(x.device)
+
+
+def describe_machine() -> str:
+    """One line for benchmark tables and model cards: cores, CPU model, GPU if any, torch version."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} cores ({cpu}){gpu}, Python {platform.python_version()}, torch {torch.__version__}"

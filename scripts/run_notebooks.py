@@ -10,9 +10,6 @@ from the notebooks/ folder, with COURSE_PROFILE set. --store writes the executed
 
 import argparse
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from datetime import date
@@ -21,18 +18,11 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
+from course_lib.profiles import describe_machine
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import replace_section  # noqa: E402
 from sync_notebooks import NOTEBOOKS, sync  # noqa: E402
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        cpu = re.search(r"Model name:\s*(.+)", model).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
 def run(path: Path, profile: str, store: bool) -> float:
@@ -49,22 +39,14 @@ def run(path: Path, profile: str, store: bool) -> float:
 
 
 def write_report(report: Path, profile: str, rows: list[tuple[str, float]], command: str) -> None:
-    begin, end = f"<!-- notebooks:{profile}:begin -->", f"<!-- notebooks:{profile}:end -->"
-    table = [
-        begin,
-        f"Profile `{profile}`, measured {date.today()} on {machine()}, with `{command}`:",
+    lines = [
+        f"Profile `{profile}`, measured {date.today()} on {describe_machine()}, with `{command}`:",
         "",
         "| notebook | wall time (s) |",
         "|---|---:|",
         *[f"| {name} | {seconds:.0f} |" for name, seconds in rows],
-        end,
     ]
-    text = report.read_text() if report.exists() else ""
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + "\n".join(table) + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(table) + "\n"
-    report.write_text(text)
+    replace_section(report, f"notebooks:{profile}", lines)
 
 
 def main() -> None:

@@ -1,9 +1,9 @@
 """Keep every notebook in step with its jupytext pair: notebooks/NN_name.py (py:percent) is the source.
 
-    python scripts/sync_notebooks.py            rebuild each .ipynb's cells from its .py, keeping the outputs of
-                                                cells whose source did not change
-    python scripts/sync_notebooks.py --check    exit 1, naming the notebook and the first differing cell, if any
-                                                pair is out of sync (run by `make test`)
+python scripts/sync_notebooks.py            rebuild each .ipynb's cells from its .py, keeping the outputs of
+                                            cells whose source did not change
+python scripts/sync_notebooks.py --check    exit 1, naming the notebook and the first differing cell, if any
+                                            pair is out of sync (run by `make test`)
 """
 
 import argparse

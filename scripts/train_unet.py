@@ -9,8 +9,6 @@ same run; change NAME to start another.
 """
 
 import argparse
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -20,7 +18,7 @@ import torch
 
 from course_lib.data import load_digits
 from course_lib.nets.unet import UNet
-from course_lib.profiles import get_device
+from course_lib.profiles import describe_machine, get_device
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
 from course_lib.weights import save_weights
@@ -41,15 +39,6 @@ CONFIG = TrainConfig(
     seed=0,
     checkpoint_every_s=300,
 )
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -87,7 +76,7 @@ def main() -> None:
                 "images_seen": state.step * CONFIG.batch_size,
                 "data": "data/mnist5k.parquet, split train (4,000 digits)",
                 "wall_minutes": round(state.seconds / 60, 1),
-                "machine": machine(),
+                "machine": describe_machine(),
                 "command": "python scripts/train_unet.py --budget-minutes N (resumed until done), then --export",
             },
             "weights": "EMA weights, stored as float16",

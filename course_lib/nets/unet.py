@@ -77,9 +77,7 @@ class Level(nn.Module):
     def __init__(self, c_ins: list[int], c: int, emb_dim: int, attend: bool, heads: int, groups: int, dropout: float):
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c_in, c, emb_dim, groups, dropout) for c_in in c_ins)
-        self.attention = nn.ModuleList(
-            SelfAttention(c, heads, groups) if attend else nn.Identity() for _ in c_ins
-        )
+        self.attention = nn.ModuleList(SelfAttention(c, heads, groups) if attend else nn.Identity() for _ in c_ins)
 
 
 class UNet(nn.Module):
