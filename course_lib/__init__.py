@@ -9,8 +9,11 @@ One concept per module, in the order the course teaches them:
     schedules   beta, alpha, alpha_bar, SNR tables; the timestep convention; `gather`      chapter 2
     forward     q(x_t | x_{t-1}), q(x_t | x_0), the whole chain                            chapter 1
     ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler            chapter 3
-    nets/       the networks (they know nothing of schedules)                              chapter 3 on
-    train       the training loop                                                          chapter 3 on
+    samplers    DDIM: the step with eta, timestep spacings, inversion, slerp               chapter 5
+    solvers     DPM-Solver++(2M), Euler with Karras sigmas                                 chapter 5
+    nets/       the networks (they know nothing of schedules): mlp, unet, classifier       chapter 3 on
+    train       the training loop: AdamW, warm-up, clipping, EMA, resumable checkpoints    chapter 3 on
+    weights     shipped weights: safetensors + JSON card + sha256 manifest                 chapter 4 on
     metrics     distances between samples and data, always beside their floor             chapter 3 on
     plotting    image grids, strips, loss curves
 

@@ -27,7 +27,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
@@ -70,7 +70,7 @@ def split_prediction(
     schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, model_output: torch.Tensor, prediction_type: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0_hat, eps_hat) from a network output of any parameterisation."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_same_shape(xt=xt, model_output=model_output)
     if prediction_type == "eps":
         return x0_from_eps(schedule, xt, t, model_output), model_output
@@ -83,7 +83,7 @@ def training_target(
     schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
     """What the network is trained to output: eps, x0 or v."""
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "eps":
         return eps
     if prediction_type == "x0":
@@ -128,7 +128,7 @@ def simple_loss(
     the weight of the nearly clean timesteps: $w_t = \min(\mathrm{snr}_t, \gamma) / \mathrm{snr}_t$ for eps,
     $\min(\mathrm{snr}_t, \gamma)$ for x0 and $\min(\mathrm{snr}_t, \gamma) / (\mathrm{snr}_t + 1)$ for v.
     """
-    _check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     eps = randn_like(x0, generator)
     xt = q_sample(schedule, x0, t, eps)
@@ -165,7 +165,7 @@ def ddpm_step(
     with no noise added at t = 0. Returns (x_{t-1}, x0_hat). Equal to diffusers' `DDPMScheduler.step` with
     `clip_sample=clip_x0` on the same inputs.
     """
-    _check_choice("variance_type", variance_type, VARIANCE_TYPES)
+    check_choice("variance_type", variance_type, VARIANCE_TYPES)
     check_same_shape(xt=xt, noise=noise)
     check_timesteps(torch.tensor(t), schedule.T)
     # 1. the network's estimate of the clean data

@@ -33,7 +33,7 @@ DIFFUSERS_BETA_SCHEDULE = {
 }
 
 
-def _check_T(T) -> None:
+def check_T(T) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T (the number of diffusion steps) must be an integer >= 1; got T={T!r}")
 
@@ -45,14 +45,14 @@ def _check_beta_range(beta_start: float, beta_end: float) -> None:
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     r"""$\beta_t$ evenly spaced from beta_start to beta_end (Ho et al. 2020, section 4). float64, shape (T,)."""
-    _check_T(T)
+    check_T(T)
     _check_beta_range(beta_start, beta_end)
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
 
 
 def quadratic_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     r"""$\sqrt{\beta_t}$ evenly spaced, then squared: diffusers' "scaled_linear" (Stable Diffusion). float64, (T,)."""
-    _check_T(T)
+    check_T(T)
     _check_beta_range(beta_start, beta_end)
     return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
 
@@ -60,7 +60,7 @@ def quadratic_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) ->
 def sigmoid_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     r"""$\beta_t = \beta_{start} + (\beta_{end} - \beta_{start})\,\sigma(s_t)$, $s_t$ evenly spaced in [-6, 6]
     (as diffusers' "sigmoid"). float64, shape (T,)."""
-    _check_T(T)
+    check_T(T)
     _check_beta_range(beta_start, beta_end)
     s = torch.linspace(-6, 6, T, dtype=torch.float64)
     return torch.sigmoid(s) * (beta_end - beta_start) + beta_start
@@ -74,7 +74,7 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 
     The clip at max_beta keeps the last steps from being singular. float64, shape (T,).
     """
-    _check_T(T)
+    check_T(T)
     if not 0 < max_beta < 1:
         raise ValueError(f"max_beta must lie in (0, 1); got max_beta={max_beta}")
 
