@@ -35,10 +35,10 @@ class Profile:
 
 PROFILES = {
     "smoke": Profile(
-        "smoke", toy_samples=2_000, toy_train_steps=300, toy_batch_size=256, toy_model_samples=1_000, grid_images=16
+        "smoke", toy_samples=2_000, toy_train_steps=200, toy_batch_size=128, toy_model_samples=1_000, grid_images=16
     ),
     "cpu": Profile(
-        "cpu", toy_samples=20_000, toy_train_steps=6_000, toy_batch_size=512, toy_model_samples=5_000, grid_images=64
+        "cpu", toy_samples=20_000, toy_train_steps=3_000, toy_batch_size=512, toy_model_samples=5_000, grid_images=64
     ),
     "gpu": Profile(
         "gpu",

@@ -77,12 +77,15 @@ class GaussianMixture:
     def optimal_eps(self, xt: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
         r"""$\mathbb E[\epsilon \mid x_t] = -\sqrt{1 - \bar\alpha_t}\,\nabla \log q_t(x_t)$ for xt (B, D) and
         alpha_bar_t (B, 1) or a scalar: the noise prediction that no network can beat in mean squared error."""
-        alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64).reshape(-1, 1).expand(xt.shape[0], 1)
+        device = xt.device  # float64 on the data's device (CUDA and CPU; Apple's MPS has no float64)
+        alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64, device=device).reshape(-1, 1)
+        alpha_bar_t = alpha_bar_t.expand(xt.shape[0], 1)
         x = xt.to(torch.float64)
-        means = alpha_bar_t.sqrt()[:, :, None] * self.means[None]  # (B, 1, 1) * (1, K, D) -> (B, K, D)
-        variance = alpha_bar_t * self.stds[None] ** 2 + 1 - alpha_bar_t  # (B, K)
+        mixture_means, stds, weights = self.means.to(device), self.stds.to(device), self.weights.to(device)
+        means = alpha_bar_t.sqrt()[:, :, None] * mixture_means[None]  # (B, 1, 1) * (1, K, D) -> (B, K, D)
+        variance = alpha_bar_t * stds[None] ** 2 + 1 - alpha_bar_t  # (B, K)
         squared_distance = ((x[:, None, :] - means) ** 2).sum(-1)  # (B, K)
-        log_components = self.weights.log() - 0.5 * squared_distance / variance - 0.5 * self.dim * variance.log()
+        log_components = weights.log() - 0.5 * squared_distance / variance - 0.5 * self.dim * variance.log()
         responsibility = torch.softmax(log_components, dim=1)  # (B, K)
         score = (responsibility[..., None] * (means - x[:, None, :]) / variance[..., None]).sum(1)  # (B, D)
         return (-(1 - alpha_bar_t).sqrt() * score).to(xt.dtype)

@@ -53,6 +53,7 @@ from torch.distributions import Normal, kl_divergence
 
 from course_lib.ddpm import (
     ddpm_sample,
+    ddpm_step,
     eps_from_v,
     eps_from_x0,
     posterior,
@@ -73,6 +74,10 @@ from course_lib.train import train_denoiser
 
 profile = get_profile()
 device = get_device()
+# This chapter's networks are tiny: on the course's 2-core test machine one CPU thread trained them as fast as two,
+# and kept that speed when other programs shared the cores, where two threads slowed down 5-20x.
+torch.set_num_threads(1)
+plt.rcParams["figure.dpi"] = 80  # keeps the stored figures small
 print(f"profile: {profile.name} | device: {device}")
 print(f"per model: {profile.toy_samples} training points, {profile.toy_train_steps} steps of batch", end=" ")
 print(f"{profile.toy_batch_size}, {profile.toy_model_samples} samples")
@@ -84,7 +89,7 @@ print(f"{profile.toy_batch_size}, {profile.toy_model_samples} samples")
 # network call per step, so we take $T = 200$ and multiply both ends by $1000 / 200 = 5$: each step of the short
 # chain then does the work of five steps of the long one, and $\bar\alpha_t$ follows the same curve. The network
 # also has 5 times fewer distinct $t$ to learn. Whether 200 steps are enough is not a matter of faith: section 7
-# samples with the *exact* optimal denoiser on this schedule and lands on the data.
+# measures how close a sampler that uses the *exact* optimal denoiser on this schedule comes to the data.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -94,7 +99,7 @@ ho_schedule = make_schedule("linear", 1000)
 # step t of the short chain ends where step 5t + 4 of the long one ends
 gap = (schedule.alpha_bar - ho_schedule.alpha_bar[4::5]).abs().max().item()
 print(f"max |alpha_bar_t (T=200) - alpha_bar_5t+4 (T=1000)| = {gap:.3f}")
-print(f"alpha_bar at t = T-1: {schedule.alpha_bar[-1].item():.1e} (x_T is pure noise)")
+print(f"alpha_bar at t = T-1: {schedule.alpha_bar[-1].item():.1e} (the last state is pure noise)")
 
 # %% [markdown]
 # ## 2. The posterior $q(x_{t-1} \mid x_t, x_0)$
@@ -178,20 +183,28 @@ for t in [1, 20, 100, T - 1]:
 
 # %% [markdown]
 # The posterior is narrower than both of its factors: the prior says where $x_{t-1}$ could be given the clean
-# data, the likelihood says which $x_{t-1}$ could have produced the observed $x_t$.
+# data, the likelihood says which $x_{t-1}$ could have produced the observed $x_t$. At $t = 2$ the two are equally
+# sharp ($1 - \bar\alpha_1 \approx \beta_2$) and the posterior sits between them; at $t = 50$ the prior has
+# spread out and the likelihood decides.
 
 # %%
-t, x0_value = 20, 1.5
-xt_value = q_sample(schedule, torch.tensor([x0_value]), t, torch.tensor([0.8])).item()
-prior, likelihood, post = grid_posterior(t, x0_value, xt_value, grid)
-every = slice(None, None, 200)  # plot one grid point in 200
-fig, ax = plt.subplots(figsize=(7, 3))
-ax.plot(grid[every], prior[every], label=r"prior $q(x_{t-1} \mid x_0)$")
-ax.plot(grid[every], likelihood[every], label=r"likelihood $q(x_t \mid x_{t-1})$ (normalised)")
-ax.plot(grid[every], post[every], label=r"posterior $q(x_{t-1} \mid x_t, x_0)$")
-ax.axvline(xt_value, color="gray", ls=":", label=r"observed $x_t$")
-ax.set(xlim=(0, 3), xlabel=r"$x_{t-1}$", ylabel="density", title=f"Bayes on a grid at t = {t}, x0 = {x0_value}")
-ax.legend(fontsize=8)
+x0_value = 1.5
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+for ax, t in zip(axes, [2, 50], strict=True):
+    xt_value = q_sample(schedule, torch.tensor([x0_value]), t, torch.tensor([0.8])).item()
+    prior, likelihood, post = grid_posterior(t, x0_value, xt_value, grid)
+    prior_mean = schedule.alpha_bar_prev[t].sqrt().item() * x0_value
+    prior_std = (1 - schedule.alpha_bar_prev[t]).sqrt().item()
+    near = ((grid - prior_mean).abs() < 4 * prior_std).nonzero()[:, 0]
+    near = near[:: max(1, len(near) // 500)]  # about 500 points per curve
+    ax.plot(grid[near], prior[near], label=r"prior $q(x_{t-1} \mid x_0)$")
+    ax.plot(grid[near], likelihood[near], label=r"likelihood $q(x_t \mid x_{t-1})$, normalised")
+    ax.plot(grid[near], post[near], label=r"posterior $q(x_{t-1} \mid x_t, x_0)$")
+    ax.axvline(xt_value, color="gray", ls=":", label=r"observed $x_t$")
+    ax.set(xlabel=r"$x_{t-1}$", ylabel="density", title=f"t = {t}, x0 = {x0_value}")
+axes[1].legend(fontsize=8, loc="upper left")
+fig.suptitle("Bayes' rule on a grid")
+plt.tight_layout()
 plt.show()
 
 # %% [markdown]
@@ -232,9 +245,9 @@ weight_from_kl = kl / (eps - eps_hat) ** 2
 
 beta_t, alpha_t, alpha_bar_t = (table.double()[t] for table in (schedule.betas, schedule.alphas, schedule.alpha_bar))
 elbo_weight = beta_t**2 / (2 * variance * alpha_t * (1 - alpha_bar_t))  # (T-1,) w_t for t = 1..T-1
-print(
-    "KL / (eps - eps_hat)^2 equals w_t at every t (rel. 1e-6):", torch.allclose(weight_from_kl, elbo_weight, rtol=1e-6)
-)
+# rel. 1e-4, not less: the tables are float32, and 1 - alpha_bar_t at t = 1 (about 1.5e-3) keeps 4 of their 7 digits
+agree = torch.allclose(weight_from_kl, elbo_weight, rtol=1e-4)
+print("KL / (eps - eps_hat)^2 equals w_t at every t (rel. 1e-4):", agree)
 for t_show in [1, 10, 50, 100, T - 1]:
     print(f"w_{t_show:<3d} = {elbo_weight[t_show - 1].item():.4f}")
 
@@ -283,11 +296,13 @@ plt.show()
 
 # %% [markdown]
 # The irreducible error is near 1 at small $t$ (tiny noise on a spread-out distribution: $\epsilon$ is
-# unpredictable) and falls to 0 at large $t$ ($x_t \approx \epsilon$). The ELBO multiplies the small-$t$ terms by
-# the largest weights, so most of its value, and most of its gradient noise, comes from steps that barely change a
-# sample. $L_{simple}$ weighs every step alike, which shifts the effort to the larger $t$ that decide the shape of
-# the distribution; Ho et al. (section 3.4) found it gives better samples. It is also, up to a scale, the denoising
-# score matching loss (section 6 of their paper). The price: $L_{simple}$ is no longer a bound on the likelihood.
+# unpredictable) and falls to 0 at large $t$ ($x_t \approx \epsilon$). The ELBO puts its largest weights on the
+# small-$t$ terms, so even for the optimal denoiser most of the bound comes from the first 10% of the steps, where
+# the 1D samples of section 7 have long chosen their mode and are only being polished. $L_{simple}$ weighs every
+# step alike and so moves the effort towards the larger $t$, where the noise is still large enough to decide which
+# mode a sample ends in (the reverse-process figures of sections 7 and 8 show where that happens). Ho et al.
+# (section 3.4) found that this reweighting gives better samples; the price is that $L_{simple}$ is no longer a
+# bound on the likelihood.
 #
 # ## 4. Three parameterisations: eps, x0 and v
 #
@@ -347,7 +362,7 @@ print("v error = (1 + snr) * x0 error:  ", torch.allclose(((v - v_hat) ** 2).sum
 print(f"x0_hat from eps_hat at t = T-1 multiplies eps errors by s/a = {(1 / schedule.snr[-1].sqrt()).item():.0f}")
 
 # %% [markdown]
-# We train with eps-prediction, as Ho et al. did; chapter 4 measures the other two on images.
+# We train with eps-prediction, as Ho et al. did (`train_denoiser` also takes `prediction_type="x0"` or `"v"`).
 #
 # ## 5. Telling the network which step it is at: the timestep embedding
 #
@@ -371,7 +386,7 @@ print("equal to timestep_embedding (1e-4):", torch.allclose(timestep_embedding(t
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3))
-image = ax.imshow(embedding.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1)
+image = ax.imshow(embedding.T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
 ax.set(xlabel="t", ylabel="feature", title=f"Sinusoidal timestep embedding, d = {dim}")
 fig.colorbar(image, ax=ax)
 plt.show()
@@ -382,8 +397,8 @@ plt.show()
 # projection of $x_t$, then applies residual blocks (LayerNorm, Linear, SiLU, Linear):
 
 # %%
-print(MLPDenoiser(data_dim=1, hidden=128, depth=3))
-print(f"parameters: {sum(p.numel() for p in MLPDenoiser(data_dim=1, hidden=128, depth=3).parameters()):,}")
+print(MLPDenoiser(data_dim=1, hidden=64, depth=3))
+print(f"parameters: {sum(p.numel() for p in MLPDenoiser(data_dim=1, hidden=64, depth=3).parameters()):,}")
 
 # %% [markdown]
 # ## 6. Training on 1D data
@@ -396,7 +411,7 @@ print(f"parameters: {sum(p.numel() for p in MLPDenoiser(data_dim=1, hidden=128, 
 generator = torch.Generator().manual_seed(10)
 data_1d = mixture_1d.sample(profile.toy_samples, generator)  # (N, 1) training data
 torch.manual_seed(0)  # the network's initial weights
-model_1d = MLPDenoiser(data_dim=1, hidden=128, depth=3).to(device)
+model_1d = MLPDenoiser(data_dim=1, hidden=64, depth=3).to(device)
 start = time.perf_counter()
 losses_1d = train_denoiser(
     model_1d, schedule, data_1d, profile.toy_train_steps, profile.toy_batch_size, lr=3e-3, progress=False
@@ -426,7 +441,27 @@ print(f"last 200 steps: {sum(losses_1d[-200:]) / 200:.4f}, optimal denoiser: {lo
 # $x_{t-1} = \tilde\mu_t(\hat x_0, x_t) + \sigma_t z$ down to $t = 0$, with $\sigma_t^2 = \tilde\beta_t$. Next to it
 # runs the same sampler driven by the *exact* $\mathbb E[\epsilon \mid x_t]$ of the mixture
 # (`GaussianMixture.optimal_denoiser`): the best any network could do on this schedule. Both start from the same
-# noise. The reference sampler is exact maths, not a network, so it runs on the CPU in float64.
+# $x_{T-1}$. The reference sampler is exact maths, not a network, so it runs on the CPU in float64.
+#
+# The library writes the step through $\hat x_0$, so that x0 and v predictions share the code. Ho et al.'s
+# Algorithm 2 writes it through $\hat\epsilon$: substituting $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon)
+# / \sqrt{\bar\alpha_t}$ into $\tilde\mu_t$ and simplifying with $\bar\alpha_t = \alpha_t \bar\alpha_{t-1}$ gives
+# their eq. 11,
+#
+# $$\tilde\mu_t(\hat x_0, x_t) = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{\beta_t}{\sqrt{1 - \bar\alpha_t}}\,
+#   \hat\epsilon\Big).$$
+#
+# One step both ways, with an arbitrary $\hat\epsilon$ and the same noise $z$ ($\sigma_t^2 = \tilde\beta_t$):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+generator = torch.Generator().manual_seed(4)
+for t in [1, 50, 150, T - 1]:
+    xt, eps_hat, z = torch.randn(3, 8, 1, generator=generator, dtype=torch.float64)
+    # beta, alpha, alpha_bar: the float64 tables of section 2; beta_tilde[t - 1] is sigma_t^2 for fixed_small
+    algorithm_2 = (xt - beta[t] / (1 - alpha_bar[t]).sqrt() * eps_hat) / alpha[t].sqrt() + beta_tilde[t - 1].sqrt() * z
+    library, _ = ddpm_step(schedule, eps_hat, t, xt, z)
+    print(f"t = {t:3d}: ddpm_step equals Algorithm 2 (1e-5): {torch.allclose(library, algorithm_2, atol=1e-5)}")
 
 # %%
 n_samples = profile.toy_model_samples
@@ -450,49 +485,63 @@ ax.legend(fontsize=8)
 plt.show()
 
 # %% [markdown]
-# The reverse process itself: each line is one sample, from noise at $t = T-1$ (left) to data at the right. Early
-# steps barely move the points; the choice of mode is made in the middle of the chain, and the last steps only
-# sharpen.
+# The reverse process itself. In grey, the histogram of all the samples' $x_t$ at every step; in colour, a few
+# single samples, from noise at $t = T-1$ (left) to data (right). For the first half of the chain the paths wander
+# like the noise they are; they split between the two modes around the middle, and the last steps only sharpen.
 
 # %%
-ts = [t for t, _, _ in path_1d]  # T-1, ..., 0: the state x_t before each step
-states = torch.stack([xt[:, 0] for _, xt, _ in path_1d])  # (T, N)
-final = samples_1d[:, 0]
+states = torch.stack([xt[:, 0] for _, xt, _ in path_1d] + [samples_1d[:, 0]])  # (T + 1, N): x_{T-1}, ..., x_0, sample
+steps = torch.arange(T - 1, -2, -1)  # T-1, ..., 0, then -1 for the sample
+edges = torch.linspace(-4, 4, 81)
+histograms = torch.stack([torch.histogram(row, edges, density=True).hist for row in states])  # (T + 1, 80)
 fig, ax = plt.subplots(figsize=(8, 3.3))
-for i in range(60):
-    color = "tab:blue" if final[i] < 0 else "tab:orange"
-    ax.plot(ts + [-1], states[:, i].tolist() + [final[i].item()], color=color, lw=0.6, alpha=0.7)
-ax.invert_xaxis()
-ax.set(xlabel="t (the reverse process runs left to right)", ylabel=r"$x_t$", title="60 reverse trajectories (1D)")
+extent = (T - 1, -1, -4, 4)  # t decreases to the right
+ax.imshow(histograms.T, origin="lower", aspect="auto", extent=extent, cmap="Greys", vmax=0.6, interpolation="nearest")
+for i in range(8):
+    color = "tab:blue" if states[-1, i] < 0 else "tab:orange"
+    ax.plot(steps, states[:, i], color=color, lw=0.9)
+ax.set(xlabel="t (the sample at t = -1)", ylabel=r"$x_t$", title="The reverse process in 1D")
 plt.show()
 
 # %% [markdown]
-# A picture is not a measurement. Three numbers per sampler, each read beside its **floor**: the same number for a
-# second, independent sample of the true distribution of the same size, which is the best any sampler can score.
+# A picture is not a measurement. Two numbers per sampler:
 #
-# - the 1-Wasserstein distance to a fresh sample of the data (`wasserstein_1d`; in 2D the sliced version,
-#   `sliced_wasserstein`, averaged over random 1D projections);
-# - the fraction of samples nearest to each mode (`mode_proportions`), against the true weights.
+# - the distance to a fresh sample of the data: the 1-Wasserstein distance in 1D (`wasserstein_1d`), its sliced
+#   version in 2D (`sliced_wasserstein`, the average 1D distance over random projections);
+# - the largest gap between the fraction of samples nearest to each mode (`mode_proportions`) and the mode's weight.
+#
+# Neither is zero even for perfect samples. Each is read beside its **floor**: the same number for an independent
+# sample of the true distribution of the same size, here over 10 such samples (mean and standard deviation), which
+# is what a perfect sampler scores.
 
 
 # %%
-def measure(samples: torch.Tensor, mixture, reference: torch.Tensor) -> tuple[float, float]:
-    """(distance to the reference sample, largest error of the mode proportions) for samples (N, D)."""
+def distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """W1 in 1D, sliced W1 over 256 fixed random directions in 2D, between samples (N, D) and the reference."""
     samples = samples.float().cpu()
-    if mixture.dim == 1:
-        distance = wasserstein_1d(samples, reference)
-    else:
-        distance = sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(0))
-    mode_error = (mode_proportions(samples, mixture.means) - mixture.weights).abs().max().item()
-    return distance, mode_error
+    if samples.shape[1] == 1:
+        return wasserstein_1d(samples, reference)
+    return sliced_wasserstein(samples, reference, generator=torch.Generator().manual_seed(0))
+
+
+def mode_error(samples: torch.Tensor, mixture) -> float:
+    """max_k |fraction of the samples nearest to mode k - weight of mode k|."""
+    return (mode_proportions(samples.float().cpu(), mixture.means) - mixture.weights).abs().max().item()
+
+
+def floor(mixture, reference: torch.Tensor, generator: torch.Generator, repeats: int = 10):
+    """Both measures for `repeats` true samples of the reference's size: (mean, standard deviation), each (2,)."""
+    true_samples = [mixture.sample(len(reference), generator) for _ in range(repeats)]
+    values = torch.tensor([[distance(x, reference), mode_error(x, mixture)] for x in true_samples])
+    return values.mean(0), values.std(0)
 
 
 generator = torch.Generator().manual_seed(13)
-reference_1d, second_1d = mixture_1d.sample(n_samples, generator), mixture_1d.sample(n_samples, generator)
+reference_1d = mixture_1d.sample(n_samples, generator)
+floors = {"1D": floor(mixture_1d, reference_1d, generator)}
 results = {
-    ("1D", "floor: a 2nd true sample"): measure(second_1d, mixture_1d, reference_1d),
-    ("1D", "MLP + DDPM"): measure(samples_1d, mixture_1d, reference_1d),
-    ("1D", "optimal denoiser + DDPM"): measure(optimal_1d, mixture_1d, reference_1d),
+    ("1D", "MLP + DDPM"): (distance(samples_1d, reference_1d), mode_error(samples_1d, mixture_1d)),
+    ("1D", "optimal denoiser + DDPM"): (distance(optimal_1d, reference_1d), mode_error(optimal_1d, mixture_1d)),
 }
 print("mode proportions, true weights:", mixture_1d.weights.tolist())
 print("  MLP samples:     ", [round(p, 3) for p in mode_proportions(samples_1d, mixture_1d.means).tolist()])
@@ -509,7 +558,7 @@ mixture_2d = ring_2d()
 generator = torch.Generator().manual_seed(20)
 data_2d = mixture_2d.sample(profile.toy_samples, generator)  # (N, 2)
 torch.manual_seed(0)
-model_2d = MLPDenoiser(data_dim=2, hidden=128, depth=3).to(device)
+model_2d = MLPDenoiser(data_dim=2, hidden=64, depth=3).to(device)
 start = time.perf_counter()
 losses_2d = train_denoiser(
     model_2d, schedule, data_2d, profile.toy_train_steps, profile.toy_batch_size, lr=3e-3, progress=False
@@ -532,7 +581,7 @@ print(f"2D, last 200 steps: {sum(losses_2d[-200:]) / 200:.4f}, optimal denoiser:
 generator = torch.Generator().manual_seed(21)
 x_T = torch.randn(n_samples, 2, generator=generator)
 start = time.perf_counter()
-samples_2d, path_2d = ddpm_sample(model_2d, schedule, x_T.to(device), generator, record_every=T // 4)
+samples_2d, path_2d = ddpm_sample(model_2d, schedule, x_T.to(device), generator, record_every=10)
 samples_2d = samples_2d.cpu()
 print(f"{n_samples} samples x {T} steps in {time.perf_counter() - start:.1f} s")
 optimal_2d, _ = ddpm_sample(mixture_2d.optimal_denoiser(schedule), schedule, x_T.double(), generator)
@@ -549,39 +598,44 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The reverse process in 2D, recorded every $T/4$ steps (`record_every`): a Gaussian blob first contracts, then
-# splits into the modes.
+# The reverse process in 2D, from the states recorded every 10 steps (`record_every=10`; 1000 points shown): the
+# cloud of noise hardly changes over the first half of the chain, a hole opens in the middle around $t = 40$, and
+# the eight modes separate in the last 20 steps.
 
 # %%
-snapshots = [(T - 1, x_T)] + [(t, xt) for t, xt, _ in path_2d] + [("final", samples_2d)]
-fig, axes = plt.subplots(1, len(snapshots), figsize=(2.4 * len(snapshots), 2.7), sharex=True, sharey=True)
-for ax, (t, xt) in zip(axes, snapshots, strict=True):
-    ax.scatter(xt[shown, 0], xt[shown, 1], s=1, alpha=0.4)
-    ax.set(title=f"$x_t$, t = {t}" if t != "final" else "sample", aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5))
-    ax.set_xticks([])
-    ax.set_yticks([])
-fig.suptitle("The reverse process, from noise (left) to samples (right)")
+recorded = {t: xt for t, xt, _ in path_2d}  # t -> x_t, the state before the step at t
+snapshots = [(f"t = {T - 1}", x_T)] + [(f"t = {t}", recorded[t]) for t in (100, 60, 40, 20, 10)]
+snapshots.append(("sample", samples_2d))
+fig, axes = plt.subplots(1, len(snapshots), figsize=(2.1 * len(snapshots), 2.5), sharex=True, sharey=True)
+for ax, (label, xt) in zip(axes, snapshots, strict=True):
+    ax.scatter(xt[:1000, 0], xt[:1000, 1], s=1)
+    ax.set(title=label, aspect="equal", xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), xticks=[], yticks=[])
+fig.suptitle("The reverse process in 2D, from noise (left) to samples (right)")
 plt.tight_layout()
 plt.show()
 
 # %%
 generator = torch.Generator().manual_seed(22)
-reference_2d, second_2d = mixture_2d.sample(n_samples, generator), mixture_2d.sample(n_samples, generator)
+reference_2d = mixture_2d.sample(n_samples, generator)
+floors["2D ring"] = floor(mixture_2d, reference_2d, generator)
 results |= {
-    ("2D ring", "floor: a 2nd true sample"): measure(second_2d, mixture_2d, reference_2d),
-    ("2D ring", "MLP + DDPM"): measure(samples_2d, mixture_2d, reference_2d),
-    ("2D ring", "optimal denoiser + DDPM"): measure(optimal_2d, mixture_2d, reference_2d),
+    ("2D ring", "MLP + DDPM"): (distance(samples_2d, reference_2d), mode_error(samples_2d, mixture_2d)),
+    ("2D ring", "optimal denoiser + DDPM"): (distance(optimal_2d, reference_2d), mode_error(optimal_2d, mixture_2d)),
 }
-print(f"{n_samples} samples per row. distance: W1 in 1D, sliced W1 (256 directions) in 2D\n")
-print(f"{'data':8s} {'sampler':26s} {'distance':>9s} {'/ floor':>8s} {'max |p_k - w_k|':>16s}")
-for (data_name, sampler), (distance, mode_error) in results.items():
-    floor = results[(data_name, "floor: a 2nd true sample")][0]
-    print(f"{data_name:8s} {sampler:26s} {distance:9.4f} {distance / floor:8.2f} {mode_error:16.4f}")
+print(f"{n_samples} samples per sampler; distance: W1 in 1D, sliced W1 in 2D; floors: mean +- sd over 10 true samples")
+print(f"{'data':8s} {'sampler':24s} {'distance':>9s} {'its floor':>17s} {'max|p_k - w_k|':>15s} {'its floor':>17s}")
+for (data_name, sampler), (distance_value, mode_error_value) in results.items():
+    mean, sd = floors[data_name]
+    print(
+        f"{data_name:8s} {sampler:24s} {distance_value:9.4f} {mean[0]:8.4f} +- {sd[0]:.4f} "
+        f"{mode_error_value:15.4f} {mean[1]:8.4f} +- {sd[1]:.4f}"
+    )
 
 # %% [markdown]
-# How to read the table: a ratio near 1 means the samples are as close to the data as a second draw of the data
-# itself; the mode errors should be of the size of the floor row's. The optimal-denoiser rows show that the
-# schedule with $T = 200$ costs nothing measurable; any gap between the MLP rows and them is the network's.
+# How to read the table: a value within a standard deviation or two of its floor means the samples are as close
+# to the data as another draw of the data itself, at this sample size. The optimal-denoiser rows show what the
+# sampler and the schedule with $T = 200$ cost on their own; any gap between the MLP rows and them is the
+# network's.
 #
 # ## Recap
 #
@@ -592,8 +646,9 @@ for (data_name, sampler), (distance, mode_error) in results.items():
 #   the tiny-noise steps from dominating.
 # - eps, x0 and v predictions are related by a rotation; as losses they differ only by a weight over $t$
 #   ($\mathrm{snr}_t$, $1$, $1 + \mathrm{snr}_t$ on the $x_0$ error).
-# - A 3-block MLP trained for about a minute per data set gives DDPM samples whose mode proportions and Wasserstein
-#   distances are close to the floor, next to a sampler that uses the exact optimal denoiser.
+# - A 3-block MLP of 34k parameters, trained for a few thousand steps (under a minute per data set on a laptop CPU),
+#   gives DDPM samples whose distances and mode proportions sit within about two standard deviations of their
+#   floors in the cpu profile, as do those of the sampler that uses the exact optimal denoiser.
 #
 # ## Exercises
 #
@@ -616,13 +671,15 @@ eps_hat = s * xt + a * v_hat
 # NBVAL_CHECK_OUTPUT
 assert torch.allclose(x0_hat, x0_from_v(schedule, xt, t, v_hat), atol=1e-9), "x0_hat differs from x0_from_v"
 assert torch.allclose(eps_hat, eps_from_v(schedule, xt, t, v_hat), atol=1e-9), "eps_hat differs from eps_from_v"
-assert torch.allclose(a * x0_hat + s * eps_hat, xt, atol=1e-9), "x0_hat and eps_hat must rebuild xt"
+alpha_bar_check = schedule.alpha_bar.double()[t, None]
+rebuilt = alpha_bar_check.sqrt() * x0_hat + (1 - alpha_bar_check).sqrt() * eps_hat
+assert torch.allclose(rebuilt, xt, atol=1e-9), "x0_hat and eps_hat must rebuild xt"
 print("exercise 1: correct")
 
 # %% [markdown]
 # **Exercise 2.** Ho et al. report that $\sigma_t^2 = \beta_t$ ("fixed_large") and $\sigma_t^2 = \tilde\beta_t$
 # ("fixed_small") give similar samples. Sample the 1D model with `variance_type="fixed_large"` and compute the mode
-# proportions of the samples.
+# proportions of the samples; they should match the true weights (0.3, 0.7) within 0.05.
 
 # %%
 # reference solution: replace with your own
@@ -631,7 +688,8 @@ x_T = torch.randn(n_samples, 1, generator=generator)
 samples_large, _ = ddpm_sample(model_1d, schedule, x_T.to(device), generator, variance_type="fixed_large")
 proportions_large = mode_proportions(samples_large.cpu(), mixture_1d.means)
 print("fixed_large mode proportions:", [round(p, 3) for p in proportions_large.tolist()])
-print(f"W1 to the data: {wasserstein_1d(samples_large.cpu(), reference_1d):.4f}")
+floor_mean, floor_sd = floors["1D"][0][0].item(), floors["1D"][1][0].item()
+print(f"W1 to the data: {distance(samples_large, reference_1d):.4f} (floor {floor_mean:.4f} +- {floor_sd:.4f})")
 
 # %%
 assert torch.allclose(proportions_large, mixture_1d.weights, atol=0.05), f"proportions {proportions_large.tolist()}"
@@ -663,6 +721,8 @@ weight_large = (kl_to_model(eps_hat) - kl_to_model(eps)) / (eps - eps_hat) ** 2
 
 # %%
 # NBVAL_CHECK_OUTPUT
-expected = beta_t / (2 * alpha_t * (1 - alpha_bar_t))  # the tables of section 3, t = 1..T-1
-assert torch.allclose(weight_large, expected, rtol=1e-5), f"largest gap {(weight_large - expected).abs().max()}"
+t_check = torch.arange(1, T)
+beta_check, alpha_check = schedule.betas.double()[t_check], schedule.alphas.double()[t_check]
+expected = beta_check / (2 * alpha_check * (1 - schedule.alpha_bar.double()[t_check]))
+assert torch.allclose(weight_large, expected, rtol=1e-4), f"largest gap {(weight_large - expected).abs().max()}"
 print("exercise 3: correct")
