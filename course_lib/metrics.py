@@ -1,10 +1,23 @@
-"""How close are samples to the data? Distances for the toy distributions of chapters 1-3.
+"""How close are samples to the data? Distances for the toy distributions, then scores for generated digits.
 
-Taught in notebooks/03_ddpm.ipynb. Every distance should be read beside its floor: the same distance between two
-independent samples of the true distribution, at the same sample count.
+Every distance should be read beside its floor: the same distance between two independent samples of the true
+distribution, at the same sample count.
+
+- Toy distributions (notebooks/03_ddpm.ipynb): 1D and sliced Wasserstein distances, mode proportions.
+- Digits (notebooks/04_unet.ipynb on): the shipped digit classifier (`course_lib.nets.classifier`, trained by
+  scripts/train_classifier.py) judges samples. Its logits give the confident fraction, the class accuracy of a
+  class-conditional model and the class histogram; its penultimate features give FID (Heusel et al. 2017) and
+  KID (Binkowski et al. 2018), each beside the real-vs-real floor at the same n (`real_floor`, `sample_scores`).
 """
 
+import functools
+
 import torch
+
+from course_lib.data import IMAGE_SIZE, load_digits
+from course_lib.nets.classifier import DigitClassifier
+from course_lib.profiles import get_device
+from course_lib.weights import load_card, load_weights
 
 
 def wasserstein_1d(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,3 +48,197 @@ def mode_proportions(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """The fraction of points x (N, D) whose nearest mode among `means` (K, D) is each mode: (K,) summing to 1."""
     nearest = torch.cdist(x.double().cpu(), torch.as_tensor(means, dtype=torch.float64)).argmin(dim=1)  # (N,)
     return torch.bincount(nearest, minlength=len(means)).double() / len(x)
+
+
+# Digits: a classifier's view of generated images (chapters 4 on). ----------------------------------------------
+
+CLASSIFIER_NAME = "digit_classifier"
+FEATURE_BATCH = 500  # images per forward pass of the classifier
+
+
+def load_digit_classifier(device: torch.device | str | None = None) -> DigitClassifier:
+    """The shipped digit classifier (data/digit_classifier.*), checked against the manifest, in eval mode.
+
+    `device`: where to put it; None means `profiles.get_device()`. Its held-out accuracy is in its card
+    (`weights.load_card("digit_classifier")["heldout_accuracy"]`)."""
+    card = load_card(CLASSIFIER_NAME)
+    kwargs = {key: value for key, value in card["model"].items() if key != "class"}
+    model = DigitClassifier(**{**kwargs, "channels": tuple(kwargs["channels"])})
+    return load_weights(model.to(device if device is not None else get_device()), CLASSIFIER_NAME)
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    """Raise unless `images` is a batch of digits (N, 1, 28, 28) with N >= 1."""
+    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{name} must be digit images (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}); got {shape}")
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty: shape {shape}")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} hold {(~torch.isfinite(images)).sum().item()} NaN or infinite values")
+
+
+@torch.no_grad()
+def _classifier_outputs(classifier: DigitClassifier, images: torch.Tensor, batch_size: int, logits: bool):
+    check_images(images)
+    if classifier.training:
+        raise ValueError("the classifier is in training mode (batch statistics, dropout): call classifier.eval()")
+    parameter = next(classifier.parameters())
+    run = classifier if logits else classifier.features
+    batches = (
+        images[i : i + batch_size].to(parameter.device, parameter.dtype) for i in range(0, len(images), batch_size)
+    )
+    return torch.cat([run(batch).cpu() for batch in batches])
+
+
+def classifier_features(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = FEATURE_BATCH):
+    """The classifier's penultimate-layer features of images (N, 1, 28, 28): (N, F) float32 on the CPU.
+    Batches run on the classifier's device."""
+    return _classifier_outputs(classifier, images, batch_size, logits=False)
+
+
+def classifier_probabilities(classifier: DigitClassifier, images: torch.Tensor, batch_size: int = FEATURE_BATCH):
+    """p(class | image) by the classifier: (N, n_classes) float32 on the CPU, rows summing to 1."""
+    return _classifier_outputs(classifier, images, batch_size, logits=True).softmax(dim=1)
+
+
+def confident_fraction(classifier: DigitClassifier, images: torch.Tensor, threshold: float = 0.9) -> float:
+    r"""The fraction of images whose most likely class has probability at least `threshold`:
+    $\frac{1}{N} \sum_i [\max_c p(c \mid x_i) \geq \text{threshold}]$. A blurred, ambiguous or malformed sample
+    lowers it; the shipped classifier was trained to be unsure of noise and blobs (outlier exposure)."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1); got {threshold}")
+    return (classifier_probabilities(classifier, images).max(dim=1).values >= threshold).double().mean().item()
+
+
+def class_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of images that the classifier reads as their label: how well a class-conditional model obeys."""
+    labels = torch.as_tensor(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"need one label per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
+    predicted = classifier_probabilities(classifier, images).argmax(dim=1)
+    return (predicted == labels.cpu()).double().mean().item()
+
+
+def class_histogram(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
+    """The fraction of images the classifier assigns to each class: (n_classes,) summing to 1 (0.1 each for the
+    balanced real digits; a model that drops a digit shows a hole)."""
+    probabilities = classifier_probabilities(classifier, images)
+    return torch.bincount(probabilities.argmax(dim=1), minlength=probabilities.shape[1]).double() / len(images)
+
+
+def _check_features(features_a: torch.Tensor, features_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    for name, features in (("features_a", features_a), ("features_b", features_b)):
+        if features.ndim != 2 or len(features) < 2:
+            raise ValueError(f"{name} must be (N, F) with N >= 2 samples; got shape {tuple(features.shape)}")
+    if features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(
+            f"the feature sizes differ: features_a {tuple(features_a.shape)}, features_b {tuple(features_b.shape)}"
+        )
+    return features_a.detach().cpu().double(), features_b.detach().cpu().double()
+
+
+def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    r"""The Fréchet distance between Gaussians fitted to two feature sets (N, F) and (M, F) (Heusel et al. 2017,
+    "Fréchet Inception Distance"; in the course the features are the digit classifier's, not Inception's):
+
+    $$\mathrm{FID} = \|\mu_a - \mu_b\|^2 + \mathrm{tr}\big(\Sigma_a + \Sigma_b - 2 (\Sigma_a \Sigma_b)^{1/2}\big)$$
+
+    Computed in float64. $\Sigma_a \Sigma_b$ is not symmetric, but it has the same eigenvalues as the symmetric
+    positive semi-definite $M = \Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2}$ (AB and BA share their eigenvalues), so
+    $\mathrm{tr}(\Sigma_a \Sigma_b)^{1/2} = \sum_i \sqrt{\lambda_i(M)}$, from two symmetric eigendecompositions
+    (round-off below zero is clipped). Covariances use the unbiased 1 / (N - 1) normalisation, as pytorch-fid does.
+    FID is biased upwards at small N: compare it only with a floor at the same N (`real_floor`).
+
+    code -> symbol: mu_a, mu_b -> $\mu_a, \mu_b$;  sigma_a, sigma_b -> $\Sigma_a, \Sigma_b$;  root_a -> $\Sigma_a^{1/2}$
+    """
+    a, b = _check_features(features_a, features_b)
+    mu_a, mu_b = a.mean(dim=0), b.mean(dim=0)  # (F,)
+    sigma_a, sigma_b = torch.cov(a.T), torch.cov(b.T)  # (F, F)
+    values, vectors = torch.linalg.eigh(sigma_a)
+    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T  # Sigma_a^{1/2}
+    m = root_a @ sigma_b @ root_a
+    trace_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt).item()
+
+
+def kid(
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    n_subsets: int = 100,
+    subset_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> float:
+    r"""The kernel inception distance (Binkowski et al. 2018, "Demystifying MMD GANs") between two feature sets:
+    the unbiased estimate of the squared maximum mean discrepancy (Gretton et al. 2012) with the cubic polynomial
+    kernel $k(x, y) = (x^\top y / d + 1)^3$ (d = F, the feature size), averaged over `n_subsets` random subsets of
+    m = min(subset_size, N, M) samples of each set:
+
+    $$\mathrm{MMD}^2_u = \frac{1}{m(m-1)} \sum_{i \neq j} \big(k(a_i, a_j) + k(b_i, b_j)\big)
+                         - \frac{2}{m^2} \sum_{i, j} k(a_i, b_j)$$
+
+    Unbiased, so it is about 0 (and may be slightly negative) for two samples of one distribution, and far less
+    dependent on the sample count than FID. When m equals both N and M every subset is the whole set and it is
+    computed once. Subsets are drawn with `generator` (None: torch's global generator).
+    """
+    a, b = _check_features(features_a, features_b)
+    if n_subsets < 1 or subset_size < 2:
+        raise ValueError(f"need n_subsets >= 1 and subset_size >= 2; got {n_subsets} and {subset_size}")
+    m, d = min(subset_size, len(a), len(b)), a.shape[1]
+    kernel = lambda x, y: (x @ y.T / d + 1) ** 3  # noqa: E731
+    if m == len(a) == len(b):
+        n_subsets = 1
+    mmds = []
+    for _ in range(n_subsets):
+        x = a[torch.randperm(len(a), generator=generator)[:m]]  # (m, F)
+        y = b[torch.randperm(len(b), generator=generator)[:m]]  # (m, F)
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)  # (m, m) each
+        within = (k_xx.sum() - k_xx.diagonal().sum() + k_yy.sum() - k_yy.diagonal().sum()) / (m * (m - 1))
+        mmds.append(within - 2 * k_xy.mean())
+    return torch.stack(mmds).mean().item()
+
+
+@functools.cache
+def _split_images(split: str) -> torch.Tensor:
+    """The images of one split, loaded once per process (only read, never changed)."""
+    return load_digits(split)[0]
+
+
+def real_digits(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n held-out and n train digits drawn at random (without replacement, seeded): the two real sets of
+    `real_floor`. Generated samples are compared with the same held-out n (`sample_scores`)."""
+    if not 2 <= n <= 1000:
+        raise ValueError(f"n must lie in 2..1000 (the held-out split has 1,000 digits); got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    heldout, train = _split_images("heldout"), _split_images("train")
+    heldout_index = torch.randperm(len(heldout), generator=generator)[:n]
+    train_index = torch.randperm(len(train), generator=generator)[:n]
+    return heldout[heldout_index], train[train_index]
+
+
+def real_floor(classifier: DigitClassifier, n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """FID and KID between n held-out and n train digits (`real_digits(n, seed)`): what a perfect generator would
+    score at this n. Returns {"n", "fid", "kid"}. Report every FID / KID beside the floor at the same n."""
+    heldout, train = (classifier_features(classifier, images) for images in real_digits(n, seed))
+    generator = torch.Generator().manual_seed(seed)
+    return {"n": n, "fid": fid(train, heldout), "kid": kid(train, heldout, generator=generator)}
+
+
+def sample_scores(classifier: DigitClassifier, samples: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """Generated digits (n, 1, 28, 28) against n held-out digits, each score beside its real-vs-real floor at n
+    (the same n held-out digits as `real_floor(classifier, n, seed)`).
+
+    Returns {"n", "fid", "fid_floor", "kid", "kid_floor", "confident_fraction"}."""
+    check_images(samples, "samples")
+    n = len(samples)
+    heldout, train = (classifier_features(classifier, images) for images in real_digits(n, seed))
+    generated = classifier_features(classifier, samples)
+    kid_of = lambda a, b: kid(a, b, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    return {
+        "n": n,
+        "fid": fid(generated, heldout),
+        "fid_floor": fid(train, heldout),
+        "kid": kid_of(generated, heldout),
+        "kid_floor": kid_of(train, heldout),
+        "confident_fraction": confident_fraction(classifier, samples),
+    }

@@ -1,11 +1,13 @@
 """Train the course's unconditional digit model (chapters 4-5) and export it to data/: resumable, time-budgeted.
 
-    python scripts/train_unet.py --budget-minutes 60          train for up to an hour, resuming runs/unet_mnist_eps.pt
+    python scripts/train_unet.py --budget-minutes 60          train for up to an hour, resuming from the checkpoint
     python scripts/train_unet.py --budget-minutes 0 --export  write data/unet_mnist_eps.{safetensors,json} from it
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
-exactly where it stopped. The recipe (model, schedule, optimiser) is fixed below so that every session trains the
-same run; change NAME to start another.
+exactly where it stopped. The checkpoint of an unfinished run is committed as data/training/NAME.pt (AdamW state
+included, loaded with weights_only=True), so that the next session, on a fresh clone, continues it.
+The recipe (model, schedule, optimiser) is fixed below so that every session trains the same run; change NAME to
+start another.
 """
 
 import argparse
@@ -44,7 +46,7 @@ CONFIG = TrainConfig(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, required=True, help="wall-clock budget of this call")
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "runs" / f"{NAME}.pt")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "data" / "training" / f"{NAME}.pt")
     parser.add_argument("--export", action="store_true", help="export the EMA weights to data/ after training")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()

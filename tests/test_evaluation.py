@@ -1,0 +1,131 @@
+"""FID and KID (known values, an independent scipy reference, identities), the shipped digit classifier, bad inputs."""
+
+import pytest
+import torch
+
+from course_lib.data import load_digits
+from course_lib.metrics import (
+    class_accuracy,
+    class_histogram,
+    classifier_features,
+    confident_fraction,
+    fid,
+    kid,
+    load_digit_classifier,
+    real_floor,
+    sample_scores,
+)
+from course_lib.nets.classifier import DigitClassifier
+from course_lib.weights import load_card
+
+
+def exact_sample(n: int, mean: torch.Tensor, covariance: torch.Tensor, seed: int) -> torch.Tensor:
+    """n points (n, d) whose sample mean and (1 / (n - 1)) sample covariance are exactly `mean` and `covariance`."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(dim=0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(torch.cov(z.T))).T  # sample covariance exactly I
+    return mean + z @ torch.linalg.cholesky(covariance).T
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    features = torch.randn(500, 32, generator=torch.Generator().manual_seed(0))
+    assert fid(features, features) == pytest.approx(0, abs=1e-8)
+    few = features[:10]  # fewer samples than dimensions: a singular covariance still gives 0
+    assert fid(few, few) == pytest.approx(0, abs=1e-5)
+
+
+def test_fid_equals_the_closed_form_for_known_gaussians():
+    # Diagonal covariances: ||mu_a - mu_b||^2 + sum_i (s_a + s_b - 2 sqrt(s_a s_b)).
+    mu_a, mu_b = torch.tensor([0.0, 1.0, -2.0, 0.5]).double(), torch.tensor([1.0, 1.0, 0.0, -0.5]).double()
+    s_a, s_b = torch.tensor([1.0, 4.0, 0.25, 2.0]).double(), torch.tensor([9.0, 1.0, 0.25, 0.5]).double()
+    expected = (mu_a - mu_b).square().sum() + (s_a + s_b - 2 * (s_a * s_b).sqrt()).sum()
+    a, b = exact_sample(300, mu_a, torch.diag(s_a), 1), exact_sample(400, mu_b, torch.diag(s_b), 2)
+    assert fid(a, b) == pytest.approx(expected.item(), rel=1e-9)
+    # A full covariance and a scaled copy of it: tr(S + c^2 S - 2 c S) = (1 - c)^2 tr S.
+    root = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    covariance, c = root @ root.T + 0.1 * torch.eye(6, dtype=torch.float64), 3.0
+    a, b = exact_sample(200, torch.zeros(6), covariance, 4), exact_sample(250, torch.ones(6), c**2 * covariance, 5)
+    assert fid(a, b) == pytest.approx(6 + (1 - c) ** 2 * covariance.trace().item(), rel=1e-9)
+
+
+def test_fid_agrees_with_a_scipy_sqrtm_reference():
+    linalg = pytest.importorskip("scipy.linalg")
+    generator = torch.Generator().manual_seed(6)
+    a = torch.randn(200, 16, generator=generator) @ torch.randn(16, 16, generator=generator)
+    b = torch.randn(300, 16, generator=generator) * 2 + 0.3
+    sigma_a, sigma_b = torch.cov(a.double().T).numpy(), torch.cov(b.double().T).numpy()
+    root = linalg.sqrtm(sigma_a @ sigma_b).real
+    expected = (a.double().mean(0) - b.double().mean(0)).square().sum().item() + (sigma_a + sigma_b - 2 * root).trace()
+    assert fid(a, b) == pytest.approx(expected, rel=1e-8)
+
+
+def test_kid_matches_the_unbiased_double_sum_and_separates_distributions():
+    generator = torch.Generator().manual_seed(7)
+    a, b = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator) + 0.5
+    k = lambda x, y: (float(x @ y) / 3 + 1) ** 3  # noqa: E731
+    within = sum(k(a[i], a[j]) + k(b[i], b[j]) for i in range(6) for j in range(6) if i != j) / 30
+    across = sum(k(a[i], b[j]) for i in range(6) for j in range(6)) / 36
+    assert kid(a, b) == pytest.approx(within - 2 * across, rel=1e-6)  # m = N = M: one subset, the whole sets
+
+    # Two samples of one Gaussian: about 0 (the spread at this size is about 0.01); a shifted one: far above.
+    same_a, same_b = torch.randn(300, 16, generator=generator), torch.randn(300, 16, generator=generator)
+    shifted = torch.randn(300, 16, generator=generator) + 0.5
+    for subsets in (dict(), dict(n_subsets=5, subset_size=200, generator=generator)):
+        assert abs(kid(same_a, same_b, **subsets)) < 0.05
+        assert kid(same_a, shifted, **subsets) > 0.3
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digit_classifier("cpu")
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return load_digits("heldout")
+
+
+def test_shipped_classifier_is_accurate_and_confident_on_heldout(classifier, heldout):
+    images, labels = heldout
+    accuracy = class_accuracy(classifier, images, labels)
+    assert accuracy >= 0.97
+    assert accuracy == pytest.approx(load_card("digit_classifier")["heldout_accuracy"], abs=1.5e-3)  # card is true
+    assert confident_fraction(classifier, images) >= 0.9
+    assert torch.allclose(class_histogram(classifier, images), torch.full((10,), 0.1, dtype=torch.float64), atol=0.02)
+    assert classifier_features(classifier, images[:7]).shape == (7, 128)
+
+
+def test_noise_scores_far_above_the_real_floor_and_is_no_digit(classifier):
+    floor = real_floor(classifier, n=200)
+    noise = torch.rand(200, 1, 28, 28, generator=torch.Generator().manual_seed(8)) * 2 - 1
+    scores = sample_scores(classifier, noise)
+    assert scores["n"] == floor["n"] == 200 and scores["fid_floor"] == floor["fid"] > 0
+    assert scores["kid_floor"] == floor["kid"]  # the same n held-out digits, the same seed
+    assert scores["fid"] > 10 * scores["fid_floor"] and scores["kid"] > 10 * abs(scores["kid_floor"])
+    assert scores["confident_fraction"] < 0.05  # outlier exposure: the classifier is unsure of noise
+
+
+def test_bad_inputs_raise(classifier, heldout):
+    images, labels = heldout
+    with pytest.raises(ValueError, match=r"features_a must be \(N, F\) with N >= 2 samples; got shape \(1, 4\)"):
+        fid(torch.randn(1, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match=r"feature sizes differ: features_a \(5, 4\), features_b \(5, 3\)"):
+        kid(torch.randn(5, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match=r"images must be digit images \(N, 1, 28, 28\); got \(2, 28, 28\)"):
+        classifier_features(classifier, torch.randn(2, 28, 28))
+    with pytest.raises(ValueError, match=r"got \(2, 3, 28, 28\)"):
+        confident_fraction(classifier, torch.randn(2, 3, 28, 28))
+    with pytest.raises(ValueError, match="images hold 784 NaN or infinite values"):
+        class_histogram(classifier, torch.cat([images[:1], torch.full((1, 1, 28, 28), float("nan"))]))
+    with pytest.raises(ValueError, match=r"samples must be digit images .* got \(4, 1, 32, 32\)"):
+        sample_scores(classifier, torch.randn(4, 1, 32, 32))
+    with pytest.raises(ValueError, match="need one label per image: 10 images, labels of shape \\(9,\\)"):
+        class_accuracy(classifier, images[:10], labels[:9])
+    with pytest.raises(ValueError, match=r"threshold must lie in \(0, 1\); got 1.5"):
+        confident_fraction(classifier, images[:10], threshold=1.5)
+    with pytest.raises(ValueError, match=r"n must lie in 2..1000 .*; got 1001"):
+        real_floor(classifier, n=1001)
+    with pytest.raises(ValueError, match="training mode"):
+        classifier_features(DigitClassifier().train(), images[:4])
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\); got 1.0"):
+        DigitClassifier(dropout=1.0)
