@@ -31,14 +31,39 @@ class Profile:
     toy_batch_size: int  # batch size of the toy MLP denoiser
     toy_model_samples: int  # points drawn by a trained toy model's reverse process (each costs T network calls)
     grid_images: int  # digits shown in an image grid
+    unet_train_steps: int  # optimisation steps of the small UNet trained live (chapter 4)
+    unet_batch_size: int  # its batch size
+    bench_steps: int  # timed training steps per network when comparing two UNets (chapter 4)
+    sample_steps: int  # DDIM steps per digit sample (chapters 4 on)
+    unet_samples: int  # digits drawn from the shipped UNet to score with FID (2..1000, see metrics.real_digits)
 
 
 PROFILES = {
     "smoke": Profile(
-        "smoke", toy_samples=2_000, toy_train_steps=200, toy_batch_size=128, toy_model_samples=1_000, grid_images=16
+        "smoke",
+        toy_samples=2_000,
+        toy_train_steps=200,
+        toy_batch_size=128,
+        toy_model_samples=1_000,
+        grid_images=16,
+        unet_train_steps=3,
+        unet_batch_size=16,
+        bench_steps=1,
+        sample_steps=3,
+        unet_samples=16,
     ),
     "cpu": Profile(
-        "cpu", toy_samples=20_000, toy_train_steps=3_000, toy_batch_size=512, toy_model_samples=5_000, grid_images=64
+        "cpu",
+        toy_samples=20_000,
+        toy_train_steps=3_000,
+        toy_batch_size=512,
+        toy_model_samples=5_000,
+        grid_images=64,
+        unet_train_steps=300,
+        unet_batch_size=64,
+        bench_steps=3,
+        sample_steps=20,
+        unet_samples=256,
     ),
     "gpu": Profile(
         "gpu",
@@ -47,6 +72,11 @@ PROFILES = {
         toy_batch_size=2048,
         toy_model_samples=20_000,
         grid_images=64,
+        unet_train_steps=3_000,
+        unet_batch_size=128,
+        bench_steps=10,
+        sample_steps=50,
+        unet_samples=1000,
     ),
 }
 
