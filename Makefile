@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import course_lib, torch, diffusers; print('course_lib ready: torch', torch.__version__)"
 	touch $(STAMP)
 
+# Jupyter refuses to start as root unless told to (containers, this kind of CI machine).
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup  ## open the course in JupyterLab
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab $(ALLOW_ROOT) notebooks/
 
 test: lint unit nbval  ## every check: ruff, unit tests, notebooks in the smoke profile
 
