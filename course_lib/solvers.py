@@ -132,13 +132,16 @@ def dpm_solver_sample(
     steps: int,
     prediction_type: str = "eps",
     spacing: str = "linspace",
+    clip_x0: bool = False,
     record_every: int = 0,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """DPM-Solver++(2M) from x_T (pure noise) down to a sample of x0, one model call per step.
 
     As diffusers' `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)` with its defaults:
     first order at the first step (no history yet) and at the last one, to the clean data (`lower_order_final`,
-    `final_sigmas_type="zero"`), second order in between. Returns (x0, trajectory) as `ddim_sample` does.
+    `final_sigmas_type="zero"`), second order in between. clip_x0 clips every x0_hat to [-1, 1] before it is used,
+    as diffusers' `thresholding=True` with `sample_max_value=1.0` does (its dynamic threshold is then always 1).
+    Returns (x0, trajectory) as `ddim_sample` does.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_record_every(record_every)
@@ -150,6 +153,8 @@ def dpm_solver_sample(
         # 1. the network's estimate of the clean data: DPM-Solver++ integrates the data prediction
         t_batch = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         x0_hat, _ = split_prediction(schedule, xt, t, model(xt, t_batch), prediction_type)
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
         # 2. first order without history and into the clean data, second order otherwise
         if x0_hat_last is None or t_next == -1:
             x_next = dpm_solver_first_order_step(schedule, x0_hat, xt, t, t_next)
@@ -222,6 +227,7 @@ def euler_step(
     sigma: torch.Tensor | float,
     sigma_next: torch.Tensor | float,
     prediction_type: str = "eps",
+    clip_x0: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One Euler step of the probability-flow ODE in the VE view, from noise level sigma to sigma_next
     (Karras et al. 2022, eq. 1 with eq. 3 and $\sigma(t) = t$; the first half of their Algorithm 1):
@@ -232,7 +238,9 @@ def euler_step(
     D(x; sigma) = x0_hat comes from the network's output: $x - \sigma\hat\epsilon$ for eps,
     $x / (1 + \sigma^2) - \sigma\,\hat v / \sqrt{1 + \sigma^2}$ for v, the output itself for x0. With eps the slope
     is $\hat\epsilon$ itself: this is deterministic DDIM on other noise levels (DDIM eq. 14).
-    Returns (x_next, x0_hat). Equal to diffusers' `EulerDiscreteScheduler.step` (no churn) on the same inputs.
+    clip_x0 clips D to [-1, 1] before the slope is taken (as `ddim_step` clips x0_hat); diffusers' Euler scheduler
+    has no such option. Returns (x_next, x0_hat). Equal to diffusers' `EulerDiscreteScheduler.step` (no churn) on
+    the same inputs when clip_x0 is False.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_same_shape(x=x, model_output=model_output)
@@ -243,6 +251,8 @@ def euler_step(
         x0_hat = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
     else:
         x0_hat = model_output
+    if clip_x0:
+        x0_hat = x0_hat.clamp(-1, 1)
     # 2. the slope dx/dsigma, then one step along it
     slope = (x - x0_hat) / sigma
     return x + slope * (sigma_next - sigma), x0_hat
@@ -256,6 +266,7 @@ def euler_sample(
     steps: int,
     prediction_type: str = "eps",
     rho: float = 7.0,
+    clip_x0: bool = False,
     record_every: int = 0,
 ) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:
     """The Euler method on `karras_sigmas(schedule, steps, rho)`, from x_T (pure noise) to a sample of x0.
@@ -263,7 +274,7 @@ def euler_sample(
     As diffusers' `EulerDiscreteScheduler(use_karras_sigmas=True)`: the VE state starts at sigma_max * x_T
     (its `init_noise_sigma`); the network sees the course's x_t = x / sqrt(1 + sigma^2) (its `scale_model_input`)
     and the fractional timestep `sigma_to_timestep(schedule, sigma)` as float32. Returns (x0, trajectory) as
-    `ddim_sample` does, with fractional t and the course's x_t in the trajectory.
+    `ddim_sample` does, with fractional t and the course's x_t in the trajectory. clip_x0: see `euler_step`.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     check_record_every(record_every)
@@ -278,7 +289,7 @@ def euler_sample(
         t_batch = torch.full((x.shape[0],), timesteps[i].item(), device=x.device, dtype=torch.float32)
         model_output = model(xt, t_batch)
         # 2. one Euler step to the next noise level
-        x_next, x0_hat = euler_step(model_output, x, sigmas[i], sigmas[i + 1], prediction_type)
+        x_next, x0_hat = euler_step(model_output, x, sigmas[i], sigmas[i + 1], prediction_type, clip_x0)
         if should_record(i, steps, record_every):
             trajectory.append((timesteps[i].item(), xt.cpu(), x0_hat.cpu()))
         x = x_next

@@ -5,6 +5,7 @@ model, the schedule it was trained with, and the command, machine and time that 
 in float16 to keep the files small and loaded back as float32.
 """
 
+import importlib
 import json
 from pathlib import Path
 
@@ -56,3 +57,19 @@ def load_weights(model: torch.nn.Module, name: str, folder: Path | None = None) 
     device = next(model.parameters()).device
     model.load_state_dict({key: value.to(device, expected[key].dtype) for key, value in tensors.items()})
     return model.eval()
+
+
+def model_config(card: dict) -> dict:
+    """The keyword arguments that build a card's model: its "model" entry without "class", lists as tuples."""
+    config = {key: value for key, value in card["model"].items() if key != "class"}
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
+
+
+def load_model(name: str, device: torch.device | str = "cpu", folder: Path | None = None) -> torch.nn.Module:
+    """Build the model a card names (a class of course_lib only), load its weights and return it in eval mode."""
+    card = load_card(name, folder)
+    module_name, _, class_name = card["model"]["class"].rpartition(".")
+    if not module_name.startswith("course_lib."):
+        raise ValueError(f"the card of {name} names {card['model']['class']!r}; only course_lib classes are built")
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    return load_weights(model_class(**model_config(card)).to(device), name, folder)

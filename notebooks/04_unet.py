@@ -49,9 +49,9 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
-from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from course_lib.benchmark import DiffusersUNet, gflops_per_image, parameter_count, training_images_per_second
 from course_lib.data import load_digits
 from course_lib.ddpm import simple_loss
 from course_lib.metrics import confident_fraction, load_digit_classifier, sample_scores
@@ -62,7 +62,7 @@ from course_lib.profiles import get_device, get_profile
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
 from course_lib.train import EMA, warmup_cosine
-from course_lib.weights import load_card, load_weights
+from course_lib.weights import load_card, load_weights, model_config
 
 profile = get_profile()
 device = get_device()
@@ -140,8 +140,7 @@ print("parameters:", sum(p.numel() for p in attention.parameters()))
 
 # %%
 card = load_card("unet_mnist_eps")
-unet_config = {key: value for key, value in card["model"].items() if key != "class"}
-unet_config = {key: tuple(value) if isinstance(value, list) else value for key, value in unet_config.items()}
+unet_config = model_config(card)
 print("model:", unet_config)
 print("schedule:", card["schedule"], "| prediction:", card["prediction_type"])
 
@@ -169,10 +168,7 @@ print("output is exactly 0 at init:", bool((eps_hat == 0).all()))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-def count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
+count = parameter_count  # sum(p.numel() for p in module.parameters())
 resolutions = [28 // 2**level for level in range(unet.levels)]
 for level, size in enumerate(resolutions):
     down = count(unet.down[level]) + (count(unet.downsample[level]) if level < unet.levels - 1 else 0)
@@ -196,49 +192,16 @@ print(f"middle (7 x 7): {middle} | time MLP, conv_in, conv_out: {rest} | total: 
 
 # %%
 torch.manual_seed(0)
-baseline = UNet2DModel(
-    sample_size=28,
-    in_channels=1,
-    out_channels=1,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-)
-networks = {"course UNet": unet, "diffusers UNet2DModel": lambda xt, t: baseline(xt, t).sample}
-parameters = {"course UNet": count(unet), "diffusers UNet2DModel": count(baseline)}
-
-
-def forward_gflops(network) -> float:
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        network(torch.randn(1, 1, 28, 28), torch.tensor([10]))
-    return counter.get_total_flops() / 1e9
-
-
-def seconds_per_step(network, module: torch.nn.Module, steps: int, batch_size: int = 32) -> float:
-    """Mean wall time of `steps` training steps (forward, backward, AdamW) after one warm-up step."""
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 1, 28, 28, generator=generator)
-    t = torch.randint(0, 1000, (batch_size,), generator=generator)
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()
-        loss = (network(x, t) - x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return (time.perf_counter() - start) / steps
-
-
-modules = {"course UNet": unet, "diffusers UNet2DModel": baseline}
-timings = {name: seconds_per_step(networks[name], modules[name], profile.bench_steps) for name in networks}
-print(f"{'network':24s} {'parameters':>11s} {'GFLOPs/digit':>13s} {'s/step (batch 32)':>18s}")
-for name in networks:
-    print(f"{name:24s} {parameters[name]:11,d} {forward_gflops(networks[name]):13.3f} {timings[name]:18.3f}")
-ratio = timings["diffusers UNet2DModel"] / timings["course UNet"]
-print(f"one run of {profile.bench_steps} timed steps each: the course UNet trains {ratio:.1f}x as fast")
+baseline = DiffusersUNet()  # UNet2DModel(**DiffusersUNet.CONFIG), called as baseline(xt, t) like the course's
+print({key: DiffusersUNet.CONFIG[key] for key in ("block_out_channels", "layers_per_block", "down_block_types")})
+networks = {"course UNet": unet, "diffusers UNet2DModel": baseline}
+speeds = {name: training_images_per_second(net, 32, profile.bench_steps) for name, net in networks.items()}
+print(f"{'network':24s} {'parameters':>11s} {'GFLOPs/digit':>13s} {'training images/s':>18s}")
+for name, net in networks.items():
+    gflops = gflops_per_image(net, backward=False)
+    print(f"{name:24s} {count(net):11,d} {gflops:13.3f} {speeds[name]:18.1f}")
+ratio = speeds["course UNet"] / speeds["diffusers UNet2DModel"]
+print(f"one run of {profile.bench_steps} timed steps of batch 32 each: the course UNet trains {ratio:.1f}x as fast")
 
 # %% [markdown]
 # One short run on a possibly shared CPU: read the ratio as rough. The FLOP counts are exact and explain most of

@@ -8,6 +8,10 @@ the machine, so a long run can be stopped and one figure redone later. Ratios ar
 Figures:
     unet_speed   training images/s of the course UNet vs diffusers' UNet2DModel of about the same size
     unet_loss    their held-out loss after the same number of training images, same recipe and seed
+    samplers     the shipped digit model under DDPM-1000, DDIM, DPM-Solver++(2M) and Euler: wall time, FID, KID and
+                 confident fraction of 500 samples each, from the same noise (also data/benchmarks/samplers.json,
+                 which chapter 5 plots)
+    shipped      the shipped digit model's targets: 1,000 DDIM-50 samples, FID beside the floor, confident fraction
 """
 
 import argparse
@@ -18,43 +22,29 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from course_lib.benchmark import (
+    DiffusersUNet,
+    draw_samples,
+    gflops_per_image,
+    parameter_count,
+    save_results,
+    training_images_per_second,
+)
 from course_lib.data import load_digits
 from course_lib.forward import q_sample
+from course_lib.metrics import load_digit_classifier, sample_scores
 from course_lib.nets.unet import UNet
 from course_lib.profiles import describe_machine
 from course_lib.schedules import make_schedule
 from course_lib.train import train
+from course_lib.weights import load_card, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import replace_section  # noqa: E402
-from train_unet import CONFIG, MODEL, SCHEDULE  # noqa: E402
+from train_unet import CONFIG, MODEL, NAME, SCHEDULE  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-
-
-class DiffusersUNet(torch.nn.Module):
-    """diffusers' UNet2DModel as the design's baseline (widths 32/64/64, two layers per block, attention in the
-    two lower blocks: 1.7M parameters), called like the course's models: model(xt, t) -> tensor."""
-
-    def __init__(self):
-        super().__init__()
-        from diffusers import UNet2DModel
-
-        self.net = UNet2DModel(
-            sample_size=28,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-            norm_num_groups=8,
-        )
-
-    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(xt, t).sample
 
 
 def candidates() -> dict[str, torch.nn.Module]:
@@ -62,40 +52,12 @@ def candidates() -> dict[str, torch.nn.Module]:
     return {"course UNet": UNet(**MODEL), "diffusers UNet2DModel": DiffusersUNet()}
 
 
-def parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def gflops_per_image(model: torch.nn.Module) -> float:
-    """Forward plus backward FLOPs for one 28 x 28 image, counted by torch's FLOP counter."""
-    with FlopCounterMode(display=False) as counter:
-        model(torch.randn(1, 1, 28, 28), torch.tensor([10])).sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 1e9
-
-
-def training_images_per_second(model: torch.nn.Module, batch_size: int = 128, steps: int = 8) -> float:
-    """Images per second of full training steps (forward, backward, AdamW) after two warm-up steps."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 1, 28, 28, generator=generator)
-    t = torch.randint(0, 1000, (batch_size,), generator=generator)
-    for step in range(steps + 2):
-        if step == 2:
-            start = time.perf_counter()
-        loss = (model(x, t) - x).pow(2).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return batch_size * steps / (time.perf_counter() - start)
-
-
 def unet_speed() -> list[str]:
     rows, speeds = [], {}
     for name, model in candidates().items():
         speeds[name] = training_images_per_second(model)
         rows.append(
-            f"| {name} | {parameters(model) / 1e6:.2f} M | {gflops_per_image(model):.2f} | {speeds[name]:.1f} |"
+            f"| {name} | {parameter_count(model) / 1e6:.2f} M | {gflops_per_image(model):.2f} | {speeds[name]:.1f} |"
         )
     ratio = speeds["course UNet"] / speeds["diffusers UNet2DModel"]
     return [
@@ -149,7 +111,81 @@ def unet_loss(images_budget: int = 32_000) -> list[str]:
     ]
 
 
-FIGURES = {"unet_speed": unet_speed, "unet_loss": unet_loss}
+SAMPLER_RUNS = [
+    ("DDIM", 10),
+    ("DDIM", 20),
+    ("DDIM", 50),
+    ("DDIM", 100),
+    ("DPM-Solver++(2M)", 10),
+    ("DPM-Solver++(2M)", 20),
+    ("Euler (Karras)", 10),
+    ("Euler (Karras)", 20),
+    ("Euler (Karras)", 50),
+    ("DDPM", 1000),  # last: it costs as much as all the others together
+]
+SAMPLER_SAMPLES = 500
+
+
+def model_status() -> str:
+    training = load_card(NAME)["training"]
+    return f"`{NAME}` ({training['status']}, step {training['steps_done']} of {training['steps']})"
+
+
+def samplers() -> list[str]:
+    model = load_model(NAME)
+    schedule = make_schedule(**SCHEDULE)
+    classifier = load_digit_classifier()
+    results = {"model": NAME, "model_status": model_status(), "machine": describe_machine(), "date": str(date.today())}
+    results.update({"command": "python scripts/bench.py samplers", "n": SAMPLER_SAMPLES, "runs": []})
+    for sampler, steps in SAMPLER_RUNS:
+        samples, seconds = draw_samples(model, schedule, sampler, steps, SAMPLER_SAMPLES)
+        scores = sample_scores(classifier, samples)
+        results["runs"].append({"sampler": sampler, "steps": steps, "seconds": seconds, **scores})
+        save_results("samplers", results)  # after every run, so that a stopped run keeps what it measured
+        print(f"{sampler}-{steps}: {seconds:.0f} s, FID {scores['fid']:.2f}", flush=True)
+    runs = {(run["sampler"], run["steps"]): run for run in results["runs"]}
+    rows = [
+        f"| {run['sampler']} | {run['steps']} | {run['seconds']:.1f} | {1000 * run['seconds'] / run['n']:.1f} | "
+        f"{run['fid']:.2f} | {run['kid'] * 1000:.2f} | {run['confident_fraction']:.3f} |"
+        for run in results["runs"]
+    ]
+    ddpm, ddim50, ddim100 = runs["DDPM", 1000], runs["DDIM", 50], runs["DDIM", 100]
+    dpm20 = runs["DPM-Solver++(2M)", 20]
+    floor = results["runs"][0]
+    return [
+        f"Model {model_status()}; {SAMPLER_SAMPLES} samples per sampler from the same noise, x0_hat clipped to "
+        f"[-1, 1]; FID and KID against {SAMPLER_SAMPLES} held-out digits; real-vs-real floor at that n: FID "
+        f"{floor['fid_floor']:.2f}, KID x 1000 {floor['kid_floor'] * 1000:.2f}. Also written to "
+        "`data/benchmarks/samplers.json` (chapter 5 plots it).",
+        "",
+        "| sampler | steps | wall s | ms / image | FID | KID x 1000 | confident (>= 0.9) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- DDIM-50 vs DDPM-1000: **{ddpm['seconds'] / ddim50['seconds']:.1f}x** faster (target >= 15x), FID ratio "
+        f"**{ddim50['fid'] / ddpm['fid']:.2f}** (target <= 1.25).",
+        f"- DPM-Solver++(2M)-20 vs DDIM-100: FID ratio **{dpm20['fid'] / ddim100['fid']:.2f}** (target <= 1.2), "
+        f"{ddim100['seconds'] / dpm20['seconds']:.1f}x faster.",
+    ]
+
+
+def shipped(n: int = 1000) -> list[str]:
+    model = load_model(NAME)
+    samples, seconds = draw_samples(model, make_schedule(**SCHEDULE), "DDIM", 50, n)
+    scores = sample_scores(load_digit_classifier(), samples)
+    return [
+        f"Model {model_status()}: {n} DDIM-50 samples ({seconds / 60:.1f} min) against {n} held-out digits.",
+        "",
+        "| FID | floor | FID / floor | KID x 1000 | floor | confident (>= 0.9) |",
+        "|---:|---:|---:|---:|---:|---:|",
+        f"| {scores['fid']:.2f} | {scores['fid_floor']:.2f} | **{scores['fid'] / scores['fid_floor']:.2f}** | "
+        f"{scores['kid'] * 1000:.2f} | {scores['kid_floor'] * 1000:.2f} | **{scores['confident_fraction']:.3f}** |",
+        "",
+        "Targets: FID <= 3x the floor, confident fraction >= 0.9.",
+    ]
+
+
+FIGURES = {"unet_speed": unet_speed, "unet_loss": unet_loss, "samplers": samplers, "shipped": shipped}
 
 
 def main() -> None:

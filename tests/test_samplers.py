@@ -215,6 +215,37 @@ def test_dpm_solver_equals_diffusers(spacing, steps, prediction_type):
     assert (whole_run - x).abs().max() <= 1e-5
 
 
+def test_dpm_solver_with_clipping_equals_diffusers_thresholding():
+    """clip_x0 is diffusers' `thresholding=True` with `sample_max_value=1.0`: its dynamic threshold s is clamped to
+    [1, 1], so it clips x0_hat to [-1, 1]. diffusers' threshold wants image-shaped tensors: (4, 1, 1, 8) here. The
+    clip must be active, or the test proves nothing."""
+
+    def image_model(xt, t):
+        return fake_model(xt.reshape(4, 8), t).reshape(xt.shape)
+
+    scheduler = DPMSolverMultistepScheduler(thresholding=True, sample_max_value=1.0)
+    scheduler = with_float64_table(scheduler)
+    scheduler.set_timesteps(20)
+    x_T = 3 * noise_at_T().reshape(4, 1, 1, 8)
+    x, clipped_steps = x_T, 0
+    for t in scheduler.timesteps:
+        model_output = image_model(x, t.expand(4))
+        clipped_steps += bool(split_prediction(SCHEDULE, x, t.item(), model_output, "eps")[0].abs().max() > 1)
+        x = scheduler.step(model_output, t, x).prev_sample
+    ours, _ = dpm_solver_sample(image_model, SCHEDULE, x_T, 20, clip_x0=True)
+    assert clipped_steps >= 5
+    assert (ours - x).abs().max() <= 1e-5
+
+
+def test_euler_with_clipping_takes_the_slope_from_the_clipped_estimate():
+    """diffusers' Euler has no clip; the course's takes dx/dsigma = (x - clip(D)) / sigma."""
+    x, model_output = 5 * noise_at_T(), noise_at_T()
+    x_next, x0_hat = euler_step(model_output, x, 3.0, 2.0, clip_x0=True)
+    expected_x0 = (x - 3.0 * model_output).clamp(-1, 1)
+    assert torch.equal(x0_hat, expected_x0)
+    assert torch.allclose(x_next, x - (x - expected_x0) / 3.0)
+
+
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
 def test_euler_karras_equals_diffusers(prediction_type):
     """Each EulerDiscreteScheduler step (use_karras_sigmas=True) repeated on the same inputs; then a whole run of

@@ -9,7 +9,7 @@ from course_lib.data import read_manifest
 from course_lib.nets.unet import UNet
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
-from course_lib.weights import load_card, load_weights, save_weights
+from course_lib.weights import load_card, load_model, load_weights, model_config, save_weights
 
 TINY = dict(channels=(8, 16), blocks=(1, 1), attention=(False, True), heads=2, groups=4)
 
@@ -79,3 +79,15 @@ def test_weights_round_trip_and_damage_is_caught(tmp_path):
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(ValueError, match="tiny.safetensors is damaged"):
         load_weights(UNet(**TINY), "tiny", tmp_path)
+
+
+def test_a_card_names_the_model_to_build(tmp_path):
+    model = UNet(**TINY)
+    card = {"model": {"class": "course_lib.nets.unet.UNet", **TINY}}
+    save_weights(model, "tiny", card, folder=tmp_path)
+    assert model_config(load_card("tiny", tmp_path)) == TINY  # lists back to tuples
+    loaded = load_model("tiny", folder=tmp_path)
+    assert isinstance(loaded, UNet) and not loaded.training
+    save_weights(model, "foreign", {"model": {"class": "os.system"}}, folder=tmp_path)
+    with pytest.raises(ValueError, match="'os.system'; only course_lib classes"):
+        load_model("foreign", folder=tmp_path)

@@ -1,0 +1,183 @@
+"""Measuring models and samplers: the diffusers baseline UNet, FLOPs, training throughput, and sampler runs timed.
+
+Used by `scripts/bench.py` (the figures in docs/benchmarks.md) and by the chapters that show those figures live
+(4: the UNet against diffusers; 5: the sampler family), so a notebook and the benchmark measure the same thing.
+
+Every sampler of the family is run the way the course runs the shipped eps-model of the cosine schedule: with
+x0_hat clipped to [-1, 1] (chapter 4 shows why), DDIM with "trailing" spacing, DPM-Solver++(2M) with diffusers'
+default "linspace" spacing, Euler on Karras sigmas, and DDPM on every timestep.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from course_lib.data import data_dir
+from course_lib.ddpm import Denoiser, check_choice, ddpm_sample
+from course_lib.samplers import ddim_sample
+from course_lib.schedules import Schedule
+from course_lib.solvers import dpm_solver_sample, euler_sample
+
+IMAGE_SHAPE = (1, 28, 28)
+
+
+# --- networks -------------------------------------------------------------------------------------------------
+
+
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DModel as the design's baseline (widths 32/64/64, two layers per block, attention in the
+    two lower blocks: 1.7M parameters), called like the course's models: model(xt, t) -> tensor."""
+
+    CONFIG = {
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+    }
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.net = UNet2DModel(**self.CONFIG)
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(xt, t).sample
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops_per_image(model: torch.nn.Module, backward: bool = True) -> float:
+    """FLOPs of one 28 x 28 image through `model(xt, t)`, forward plus backward unless backward=False, counted by
+    torch's FlopCounterMode (a multiply-add counts 2)."""
+    device = next(model.parameters()).device
+    xt, t = torch.randn(1, *IMAGE_SHAPE, device=device), torch.tensor([10], device=device)
+    with FlopCounterMode(display=False) as counter:
+        if backward:
+            model(xt, t).sum().backward()
+        else:
+            with torch.no_grad():
+                model(xt, t)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 1e9
+
+
+def training_images_per_second(model: torch.nn.Module, batch_size: int = 128, steps: int = 8) -> float:
+    """Images per second of full training steps (forward, backward, AdamW) after two untimed warm-up steps."""
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *IMAGE_SHAPE, generator=generator).to(device)
+    t = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
+    model.train()
+    for step in range(steps + 2):
+        if step == 2:
+            synchronize(device)
+            start = time.perf_counter()
+        loss = (model(x, t) - x).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    synchronize(device)
+    return batch_size * steps / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- the sampler family ---------------------------------------------------------------------------------------
+
+SAMPLERS = ("DDPM", "DDIM", "DPM-Solver++(2M)", "Euler (Karras)")
+
+
+def run_sampler(
+    sampler: str,
+    model: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One sampler of the family from x_T with `steps` model calls per sample (x0_hat clipped; see the module
+    docstring). generator feeds DDPM's per-step noise; the other samplers are deterministic."""
+    check_choice("sampler", sampler, SAMPLERS)
+    if sampler == "DDPM":
+        if steps != schedule.T:
+            raise ValueError(f"DDPM visits every timestep: steps must be T={schedule.T}; got steps={steps}")
+        return ddpm_sample(model, schedule, x_T, generator, clip_x0=True)[0]
+    if sampler == "DDIM":
+        return ddim_sample(model, schedule, x_T, steps, clip_x0=True)[0]
+    if sampler == "DPM-Solver++(2M)":
+        return dpm_solver_sample(model, schedule, x_T, steps, clip_x0=True)[0]
+    return euler_sample(model, schedule, x_T, steps, clip_x0=True)[0]
+
+
+@torch.no_grad()
+def draw_samples(
+    model: Denoiser,
+    schedule: Schedule,
+    sampler: str,
+    steps: int,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 250,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, float]:
+    """n digits from one sampler with `steps` model calls each, in batches, and the wall time in seconds.
+
+    x_T comes from one CPU generator seeded with `seed`, batch after batch, so every sampler starts from the same
+    noise and a run is the same on any device (DDPM's per-step noise has a CPU generator per batch). Only the
+    sampling is timed. Samples are returned on the CPU, clamped to [-1, 1] (the pixel range) for scoring.
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
+    check_choice("sampler", sampler, SAMPLERS)
+    generator = torch.Generator().manual_seed(seed)
+    device = torch.device(device)
+    samples, seconds = [], 0.0
+    for start in range(0, n, batch_size):
+        x_T = torch.randn(min(batch_size, n - start), *IMAGE_SHAPE, generator=generator).to(device)
+        step_generator = torch.Generator().manual_seed(seed + 1 + start)
+        synchronize(device)
+        began = time.perf_counter()
+        x0 = run_sampler(sampler, model, schedule, x_T, steps, step_generator)
+        synchronize(device)
+        seconds += time.perf_counter() - began
+        samples.append(x0.clamp(-1, 1).cpu())
+    return torch.cat(samples), seconds
+
+
+# --- results kept for the notebooks ---------------------------------------------------------------------------
+
+
+def results_path(name: str) -> Path:
+    return data_dir() / "benchmarks" / f"{name}.json"
+
+
+def save_results(name: str, results: dict) -> None:
+    """Write a benchmark's measured results to data/benchmarks/NAME.json, for a chapter to show."""
+    path = results_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def load_results(name: str) -> dict:
+    """The results `scripts/bench.py NAME` measured and saved (see docs/benchmarks.md for the same figures)."""
+    path = results_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: `python scripts/bench.py {name}` measures and writes it")
+    return json.loads(path.read_text())
