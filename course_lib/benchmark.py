@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.data import data_dir
+from course_lib.data import data_dir, record_sha256, verify_file
 from course_lib.ddpm import Denoiser, check_choice, ddpm_sample
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import Schedule
@@ -169,15 +169,16 @@ def results_path(name: str) -> Path:
 
 
 def save_results(name: str, results: dict) -> None:
-    """Write a benchmark's measured results to data/benchmarks/NAME.json, for a chapter to show."""
+    """Write a benchmark's measured results to data/benchmarks/NAME.json, for a chapter to show, and record its
+    sha256 in data/benchmarks/SHA256SUMS as for every shipped file."""
     path = results_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+    record_sha256(path)
 
 
 def load_results(name: str) -> dict:
-    """The results `scripts/bench.py NAME` measured and saved (see docs/benchmarks.md for the same figures)."""
+    """The results `scripts/bench.py NAME` measured and saved (docs/benchmarks.md shows the same figures)."""
     path = results_path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: `python scripts/bench.py {name}` measures and writes it")
+    verify_file(path, f"python scripts/bench.py {name}")
     return json.loads(path.read_text())

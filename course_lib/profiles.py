@@ -36,6 +36,9 @@ class Profile:
     bench_steps: int  # timed training steps per network when comparing two UNets (chapter 4)
     sample_steps: int  # DDIM steps per digit sample (chapters 4 on)
     unet_samples: int  # digits drawn from the shipped UNet to score with FID (2..1000, see metrics.real_digits)
+    sampler_samples: int  # digits per sampler when samplers are compared live (chapter 5; 2..1000)
+    step_counts: tuple[int, ...]  # numbers of sampling steps swept (chapter 5), each in 1..T
+    inversion_images: int  # real digits inverted to noise and back (chapter 5)
 
 
 PROFILES = {
@@ -51,6 +54,9 @@ PROFILES = {
         bench_steps=1,
         sample_steps=3,
         unet_samples=16,
+        sampler_samples=16,
+        step_counts=(2, 5),
+        inversion_images=2,
     ),
     "cpu": Profile(
         "cpu",
@@ -64,6 +70,9 @@ PROFILES = {
         bench_steps=3,
         sample_steps=20,
         unet_samples=256,
+        sampler_samples=200,
+        step_counts=(5, 10, 20, 50, 100),
+        inversion_images=8,
     ),
     "gpu": Profile(
         "gpu",
@@ -77,6 +86,9 @@ PROFILES = {
         bench_steps=10,
         sample_steps=50,
         unet_samples=1000,
+        sampler_samples=1000,
+        step_counts=(5, 10, 20, 50, 100, 200),
+        inversion_images=32,
     ),
 }
 

@@ -127,8 +127,7 @@ SAMPLER_SAMPLES = 500
 
 
 def model_status() -> str:
-    training = load_card(NAME)["training"]
-    return f"`{NAME}` ({training['status']}, step {training['steps_done']} of {training['steps']})"
+    return f"`{NAME}` ({load_card(NAME)['training']['status']})"
 
 
 def samplers() -> list[str]:

@@ -95,5 +95,8 @@ def test_results_round_trip_and_missing_results_say_how_to_make_them(tmp_path, m
     monkeypatch.setenv("COURSE_DATA_DIR", str(tmp_path))
     save_results("example", {"n": 3, "runs": [{"fid": 1.5}]})
     assert load_results("example") == {"n": 3, "runs": [{"fid": 1.5}]}
-    with pytest.raises(FileNotFoundError, match="scripts/bench.py missing"):
+    with pytest.raises(FileNotFoundError, match="missing.json is missing; rebuild it with: python scripts/bench.py"):
         load_results("missing")
+    (tmp_path / "benchmarks" / "example.json").write_text('{"n": 4}')
+    with pytest.raises(ValueError, match="example.json is damaged"):
+        load_results("example")

@@ -62,6 +62,15 @@ def test_profiles(monkeypatch):
     assert smoke.toy_train_steps < cpu.toy_train_steps and smoke.toy_samples < cpu.toy_samples
 
 
+@pytest.mark.parametrize("name", PROFILES)
+def test_profile_budgets_fit_what_the_chapters_need(name):
+    """FID needs 2..1000 samples (metrics.real_digits); chapter 5 sweeps at least two increasing step counts."""
+    profile = PROFILES[name]
+    assert 2 <= profile.unet_samples <= 1000 and 2 <= profile.sampler_samples <= 1000
+    assert len(profile.step_counts) >= 2 and list(profile.step_counts) == sorted(set(profile.step_counts))
+    assert 1 <= profile.step_counts[0] and profile.step_counts[-1] <= 1000
+
+
 def test_device(monkeypatch):
     monkeypatch.setenv("COURSE_DEVICE", "cpu")
     assert get_device() == torch.device("cpu")
