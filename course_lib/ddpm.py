@@ -119,6 +119,7 @@ def simple_loss(
     generator: torch.Generator | None = None,
     prediction_type: str = "eps",
     min_snr_gamma: float | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""$L_{simple} = \mathbb E_{t, x_0, \epsilon}\,\lVert \epsilon - \epsilon_\theta(x_t, t) \rVert^2$
     (Ho et al. 2020, eq. 14),
@@ -127,20 +128,22 @@ def simple_loss(
     With `min_snr_gamma`, each example is weighted by min-SNR-gamma (Hang et al. 2023, section 3.4), which caps
     the weight of the nearly clean timesteps: $w_t = \min(\mathrm{snr}_t, \gamma) / \mathrm{snr}_t$ for eps,
     $\min(\mathrm{snr}_t, \gamma)$ for x0 and $\min(\mathrm{snr}_t, \gamma) / (\mathrm{snr}_t + 1)$ for v.
+    With `cond` (a condition per example: labels, say) the model is called as model(xt, t, cond).
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     eps = randn_like(x0, generator)
     xt = q_sample(schedule, x0, t, eps)
     target = training_target(schedule, x0, eps, t, prediction_type)
+    prediction = model(xt, t) if cond is None else model(xt, t, cond)
     if min_snr_gamma is None:
-        return F.mse_loss(model(xt, t), target)
+        return F.mse_loss(prediction, target)
     if min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0; got {min_snr_gamma}")
     snr = schedule.snr.to(x0.device)[t]  # (B,)
     clipped = snr.clamp(max=min_snr_gamma)
     weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction_type]  # (B,)
-    per_example = (model(xt, t) - target).pow(2).flatten(1).mean(1)  # (B,)
+    per_example = (prediction - target).pow(2).flatten(1).mean(1)  # (B,)
     return (weight * per_example).mean()
 
 

@@ -11,7 +11,9 @@ parameters grow fourfold. This UNet therefore keeps few blocks at 28 x 28 and pu
 7 x 7, with attention only at 7 x 7 (49 positions).
 
 The model knows nothing of schedules: forward(xt, t, cond) returns a tensor shaped like xt. `cond` is the hook for
-chapter 7: an optional (B, cond_dim) vector (a class or text embedding) added to the time embedding.
+chapter 7, added to the time embedding: class labels (B,) when the UNet is built with `num_classes` (label
+`num_classes` is the "no label" of classifier-free guidance), or a (B, cond_dim) vector when built with
+`cond_dim` (a text embedding, say).
 """
 
 import torch
@@ -91,6 +93,7 @@ class UNet(nn.Module):
         groups: int = 8,  # GroupNorm groups
         dropout: float = 0.0,  # dropout inside the residual blocks
         cond_dim: int | None = None,  # size of an optional conditioning vector added to the time embedding
+        num_classes: int | None = None,  # class labels 0..num_classes-1, and num_classes for "no label"
     ):
         super().__init__()
         if not len(channels) == len(blocks) == len(attention):
@@ -101,7 +104,11 @@ class UNet(nn.Module):
         self.levels = len(channels)
         self.time_dim = channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cond_dim and num_classes:
+            raise ValueError(f"give cond_dim or num_classes, not both; got {cond_dim} and {num_classes}")
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
+        self.num_classes = num_classes
+        self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
 
         # Down: each level's blocks, then a stride-2 convolution (except after the last level).
@@ -139,10 +146,7 @@ class UNet(nn.Module):
         if xt.ndim != 4 or xt.shape[-1] % size or xt.shape[-2] % size:
             raise ValueError(f"need (B, C, H, W) with H and W divisible by {size}; got shape {tuple(xt.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, emb_dim)
-        if cond is not None:
-            if self.cond_proj is None:
-                raise ValueError("this UNet was built without cond_dim, so it takes no conditioning vector")
-            emb = emb + self.cond_proj(cond)
+        emb = emb + self.condition_embedding(cond)
         h = self.conv_in(xt)  # (B, c0, H, W)
         skips = []
         for index, level in enumerate(self.down):
@@ -158,3 +162,22 @@ class UNet(nn.Module):
             if index < self.levels - 1:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")  # (B, c, 2 H, 2 W)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
+
+    def condition_embedding(self, cond: torch.Tensor | None) -> torch.Tensor | float:
+        """What `cond` adds to the time embedding: a label's learned vector, a projected vector, or 0 for none."""
+        if self.class_emb is not None:
+            if cond is None or cond.dtype != torch.long or cond.ndim != 1:
+                got = None if cond is None else f"{cond.dtype} of shape {tuple(cond.shape)}"
+                raise ValueError(
+                    f"this UNet is class-conditional: pass labels, a (B,) long tensor in 0..{self.num_classes} "
+                    f"({self.num_classes} for no label); got {got}"
+                )
+            bad = cond[(cond < 0) | (cond > self.num_classes)]
+            if len(bad):
+                raise ValueError(f"labels must lie in 0..{self.num_classes}; got {bad[0].item()}")
+            return self.class_emb(cond)  # (B, emb_dim)
+        if cond is None:
+            return 0.0
+        if self.cond_proj is None:
+            raise ValueError("this UNet was built without cond_dim or num_classes, so it takes no condition")
+        return self.cond_proj(cond)  # (B, emb_dim)

@@ -1,0 +1,69 @@
+r"""Classifier-free guidance (chapter 7). Paper: Ho & Salimans 2021, "Classifier-Free Diffusion Guidance".
+
+One network learns both the conditional $\epsilon(x_t, t, c)$ and the unconditional $\epsilon(x_t, t, \varnothing)$:
+during training the condition is replaced by the null condition $\varnothing$ with probability p (about 10%).
+At sampling time the two predictions are extrapolated with a guidance scale w:
+
+$$\hat\epsilon = \epsilon(x_t, t, \varnothing) + w\,\big(\epsilon(x_t, t, c) - \epsilon(x_t, t, \varnothing)\big)$$
+
+w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes samples towards what the condition
+makes likelier than no condition. This is diffusers' convention (`guidance_scale`: `noise_pred_uncond +
+guidance_scale * (noise_pred_text - noise_pred_uncond)`); the paper's w is diffusers' minus one.
+
+For class labels 0..K-1 the null condition is the label K (`nets.unet.UNet(num_classes=K)`).
+"""
+
+import torch
+
+from course_lib.ddpm import Denoiser
+
+
+def check_probability(name: str, p: float) -> None:
+    if not 0 <= p <= 1:
+        raise ValueError(f"{name} must lie in [0, 1]; got {name}={p}")
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None):
+    """Each label replaced by `null_label` with probability p (condition dropout for classifier-free guidance).
+    The draw happens on the generator's device (the CPU for a CPU generator), so a seed gives the same drops
+    everywhere."""
+    check_probability("p", p)
+    draw_device = generator.device if generator is not None else labels.device
+    dropped = (torch.rand(labels.shape, generator=generator, device=draw_device) < p).to(labels.device)
+    return torch.where(dropped, torch.full_like(labels, null_label), labels)
+
+
+def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """uncond + scale * (cond - uncond): the guided prediction (module docstring)."""
+    return uncond + scale * (cond - uncond)
+
+
+class Guided:
+    """A conditional model and a condition, guided at `scale`, as a plain model(xt, t) for any sampler.
+
+    The conditional and unconditional predictions come from one batched forward pass (the batch doubled), as
+    diffusers' pipelines do; at scale 1 only the conditional pass runs and at scale 0 only the unconditional one.
+    `cond` is (B, ...) for a batch of B, or one condition of batch size 1 for every sample; `null` likewise.
+    """
+
+    def __init__(self, model: Denoiser, cond: torch.Tensor, null: torch.Tensor, scale: float):
+        if scale < 0:
+            raise ValueError(f"the guidance scale must be >= 0 (0: unconditional, 1: conditional); got {scale}")
+        self.model, self.cond, self.null, self.scale = model, cond, null, scale
+
+    def _batch(self, condition: torch.Tensor, size: int) -> torch.Tensor:
+        if len(condition) == size:
+            return condition
+        if len(condition) == 1:
+            return condition.expand(size, *condition.shape[1:])
+        raise ValueError(f"a condition of batch size {len(condition)} for a batch of {size}")
+
+    def __call__(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, null = self._batch(self.cond, len(xt)), self._batch(self.null, len(xt))
+        if self.scale == 1:
+            return self.model(xt, t, cond)
+        if self.scale == 0:
+            return self.model(xt, t, null)
+        both = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([null, cond]))  # (2B, ...)
+        uncond_pred, cond_pred = both.chunk(2)
+        return cfg_combine(uncond_pred, cond_pred, self.scale)
