@@ -21,13 +21,16 @@ def test_unet_shapes_and_conditioning_hook():
     assert model(x, t, torch.randn(3, 5)).shape == (3, 1, 28, 28)
     latent = UNet(in_channels=4, channels=(16, 32), blocks=(1, 1), attention=(False, True), groups=4)
     assert latent(torch.randn(2, 4, 8, 8), torch.tensor([1, 2])).shape == (2, 4, 8, 8)
+    # odd sizes: 7 x 7 latents go down to 4 x 4 and come back up to the skip's 7 x 7
+    three_levels = UNet(in_channels=4, channels=(16, 32, 32), blocks=(1, 1, 1), attention=(False, True, True), groups=4)
+    assert three_levels(torch.randn(2, 4, 7, 7), torch.tensor([1, 2])).shape == (2, 4, 7, 7)
 
 
 def test_unet_starts_as_zero_and_rejects_bad_input():
     model = UNet(**TINY)
     assert model(torch.randn(2, 1, 28, 28), torch.tensor([3, 4])).abs().max() == 0  # zero-initialised output
-    with pytest.raises(ValueError, match=r"divisible by 2; got shape \(2, 1, 27, 27\)"):
-        model(torch.randn(2, 1, 27, 27), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=r"need images \(B, C, H, W\); got shape \(1, 28, 28\)"):
+        model(torch.randn(1, 28, 28), torch.tensor([3]))
     with pytest.raises(ValueError, match="built without cond_dim"):
         model(torch.randn(2, 1, 28, 28), torch.tensor([3, 4]), torch.randn(2, 5))
     with pytest.raises(ValueError, match="one entry per level"):

@@ -141,26 +141,26 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(channels[0], in_channels, 3, padding=1))
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        # xt: (B, in_channels, H, W) with H and W divisible by 2^(levels - 1); t: (B,) integers; cond: (B, cond_dim)
-        size = 2 ** (self.levels - 1)
-        if xt.ndim != 4 or xt.shape[-1] % size or xt.shape[-2] % size:
-            raise ValueError(f"need (B, C, H, W) with H and W divisible by {size}; got shape {tuple(xt.shape)}")
+        # xt: (B, in_channels, H, W), any H and W (odd ones too: 7 x 7 latents); t: (B,); cond: condition_embedding
+        if xt.ndim != 4:
+            raise ValueError(f"need images (B, C, H, W); got shape {tuple(xt.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, emb_dim)
         emb = emb + self.condition_embedding(cond)
         h = self.conv_in(xt)  # (B, c0, H, W)
-        skips = []
+        skips, sizes = [], []
         for index, level in enumerate(self.down):
             for block, attention in zip(level.blocks, level.attention, strict=True):
                 h = attention(block(h, emb))
                 skips.append(h)
             if index < self.levels - 1:
-                h = self.downsample[index](h)  # (B, c, H / 2, W / 2)
-        h = self.mid2(self.mid_attention(self.mid1(h, emb)), emb)  # (B, c_last, H / size, W / size)
+                sizes.append(h.shape[-2:])
+                h = self.downsample[index](h)  # (B, c, ceil(H / 2), ceil(W / 2))
+        h = self.mid2(self.mid_attention(self.mid1(h, emb)), emb)  # (B, c_last, H / 2^(levels-1), ...)
         for index, level in enumerate(self.up):
             for block, attention in zip(level.blocks, level.attention, strict=True):
                 h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
             if index < self.levels - 1:
-                h = F.interpolate(h, scale_factor=2, mode="nearest")  # (B, c, 2 H, 2 W)
+                h = F.interpolate(h, size=sizes.pop(), mode="nearest")  # (B, c, 2 H, 2 W): the skip's size
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
 
     def condition_embedding(self, cond: torch.Tensor | None) -> torch.Tensor | float:
