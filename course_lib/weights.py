@@ -33,7 +33,7 @@ def load_card(name: str, folder: Path | None = None) -> dict:
     """The JSON card of a shipped model, checked against the manifest."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / f"{name}.json"
-    verify_file(path, f"the training script named in the model card (see data/README.md) for {name}")
+    verify_file(path, f"the script that trains {name} (data/README.md lists each file with its script)")
     return json.loads(path.read_text())
 
 

@@ -1,19 +1,24 @@
-"""Train the course's unconditional digit model (chapters 4-5) and export it to data/: resumable, time-budgeted.
+"""Train the course's digit diffusion models and export them to data/: resumable, time-budgeted.
 
-    python scripts/train_unet.py --budget-minutes 60          train for up to an hour, resuming from the checkpoint
-    python scripts/train_unet.py --export                     write data/unet_mnist_eps.{safetensors,json} from it
+    python scripts/train_unet.py --budget-minutes 60               train unet_mnist_eps for up to an hour, resuming
+    python scripts/train_unet.py --export                          write data/unet_mnist_eps.{safetensors,json}
+    python scripts/train_unet.py --recipe unet_mnist_class --budget-minutes 60      another recipe (see RECIPES)
+
+Recipes (each a fixed model, schedule and optimiser, so that every session trains the same run):
+    unet_mnist_eps      unconditional digits, eps prediction (chapters 4-5)
+    unet_mnist_class    class-conditional digits with 10% label dropout, for classifier-free guidance (chapter 7)
+    latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6; needs that VAE)
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
 exactly where it stopped. The checkpoint of an unfinished run is committed as data/training/NAME.pt (AdamW state
-included, loaded with weights_only=True), so that the next session, on a fresh clone, continues it.
-The recipe (model, schedule, optimiser) is fixed below so that every session trains the same run; change NAME to
-start another.
+included, loaded with weights_only=True), so that the next session, on a fresh clone, continues it; it is removed
+once the finished model is exported.
 """
 
 import argparse
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,13 +28,23 @@ from course_lib.nets.unet import UNet
 from course_lib.profiles import describe_machine, get_device
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
-from course_lib.weights import save_weights
+from course_lib.weights import load_card, load_model, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME = "unet_mnist_eps"
-MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
-SCHEDULE = dict(name="cosine", T=1000)
-CONFIG = TrainConfig(
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # data/NAME.safetensors and data/training/NAME.pt
+    model: dict  # UNet keyword arguments
+    config: TrainConfig
+    schedule: dict = field(default_factory=lambda: dict(name="cosine", T=1000))
+    labels: bool = False  # train with the class labels (classifier-free guidance)
+    latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
+
+
+DIGIT_MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
+DIGIT_CONFIG = TrainConfig(
     steps=6000,
     batch_size=128,
     lr=2e-3,
@@ -41,60 +56,104 @@ CONFIG = TrainConfig(
     seed=0,
     checkpoint_every_s=300,
 )
+RECIPES = {
+    recipe.name: recipe
+    for recipe in [
+        Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG),
+        Recipe(
+            "unet_mnist_class",
+            {**DIGIT_MODEL, "num_classes": 10},
+            TrainConfig(**{**asdict(DIGIT_CONFIG), "label_dropout": 0.1, "null_label": 10}),
+            labels=True,
+        ),
+        Recipe(
+            "latent_mnist_eps",
+            dict(in_channels=4, channels=(64, 128), blocks=(2, 2), attention=(False, True), heads=4, groups=8),
+            DIGIT_CONFIG,
+            latents="vae_mnist",
+        ),
+    ]
+}
+# The unconditional digit model, as scripts/bench.py imports it.
+NAME, MODEL, SCHEDULE, CONFIG = "unet_mnist_eps", DIGIT_MODEL, RECIPES["unet_mnist_eps"].schedule, DIGIT_CONFIG
 
 
-def export(checkpoint: Path) -> None:
+@torch.no_grad()
+def training_data(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recipe's training examples (pixels, or the VAE's latent means times its scaling factor) and labels."""
+    images, labels = load_digits("train")
+    if recipe.latents:
+        vae, scale = load_model(recipe.latents), load_card(recipe.latents)["scaling_factor"]
+        images = torch.cat([vae.encode(images[i : i + 500]).mode() for i in range(0, len(images), 500)]) * scale
+    return images, labels if recipe.labels else None
+
+
+def export(recipe: Recipe, checkpoint: Path) -> None:
     """Write the checkpoint's EMA weights to data/NAME.safetensors with a card; an unfinished run says so."""
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = UNet(**MODEL)
+    model = UNet(**recipe.model)
     model.load_state_dict(payload["ema"])
-    step = payload["step"]
+    step, steps = payload["step"], recipe.config.steps
     card = {
-        "model": {"class": "course_lib.nets.unet.UNet", **MODEL},
-        "schedule": SCHEDULE,
-        "prediction_type": CONFIG.prediction_type,
+        "model": {"class": "course_lib.nets.unet.UNet", **recipe.model},
+        "schedule": recipe.schedule,
+        "prediction_type": recipe.config.prediction_type,
         "training": {
-            **asdict(CONFIG),
+            **asdict(recipe.config),
             "steps_done": step,
-            "images_seen": step * CONFIG.batch_size,
-            "status": "finished" if step >= CONFIG.steps else f"interim: {step} of {CONFIG.steps} steps, continuing",
+            "images_seen": step * recipe.config.batch_size,
+            "status": "finished" if step >= steps else f"interim: {step} of {steps} steps, continuing",
             "data": "data/mnist5k.parquet, split train (4,000 digits)",
             "wall_minutes": round(payload["seconds"] / 60, 1),
             "machine": describe_machine(),
-            "command": "python scripts/train_unet.py --budget-minutes N (resumed until done), then --export",
+            "command": f"python scripts/train_unet.py --recipe {recipe.name} --budget-minutes N (resumed until "
+            "done), then --export",
         },
         "weights": "EMA weights, stored as float16",
     }
-    path = save_weights(model, NAME, card)
+    if recipe.latents:
+        card["latents"] = {"vae": recipe.latents, "scaling_factor": load_card(recipe.latents)["scaling_factor"]}
+    path = save_weights(model, recipe.name, card)
     print(f"exported {path.relative_to(ROOT)} at step {step} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default=NAME, choices=sorted(RECIPES), help="which model to train")
     parser.add_argument("--budget-minutes", type=float, default=0, help="wall-clock budget of this call (0: none)")
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "data" / "training" / f"{NAME}.pt")
+    parser.add_argument("--checkpoint", type=Path, help="default: data/training/RECIPE.pt")
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights to data/")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
+    recipe = RECIPES[args.recipe]
+    checkpoint = args.checkpoint or ROOT / "data" / "training" / f"{recipe.name}.pt"
     if args.threads:
         torch.set_num_threads(args.threads)
 
     if args.budget_minutes > 0:
         device = get_device()
-        torch.manual_seed(CONFIG.seed)
-        model = UNet(**MODEL).to(device)
-        images, _ = load_digits("train")
-        schedule = make_schedule(**SCHEDULE)
+        torch.manual_seed(recipe.config.seed)
+        model = UNet(**recipe.model).to(device)
+        data, labels = training_data(recipe)
+        schedule = make_schedule(**recipe.schedule)
         start = time.perf_counter()
-        budget_s = args.budget_minutes * 60
-        state, _ = train(model, schedule, images.to(device), CONFIG, budget_s=budget_s, checkpoint=args.checkpoint)
+        state, _ = train(
+            model,
+            schedule,
+            data.to(device),
+            recipe.config,
+            budget_s=args.budget_minutes * 60,
+            checkpoint=checkpoint,
+            labels=labels,
+        )
+        recent = state.losses[-100:]
         print(
-            f"step {state.step}/{CONFIG.steps}, {state.step * CONFIG.batch_size} images, "
-            f"loss (mean of the last 100) {sum(state.losses[-100:]) / max(1, len(state.losses[-100:])):.4f}, "
+            f"{recipe.name}: step {state.step}/{recipe.config.steps}, {state.step * recipe.config.batch_size} "
+            f"examples, loss (mean of the last 100) {sum(recent) / max(1, len(recent)):.4f}, "
             f"this call {time.perf_counter() - start:.0f} s, all sessions {state.seconds / 60:.1f} min"
         )
     if args.export:
-        export(args.checkpoint)
+        export(recipe, checkpoint)
 
 
 if __name__ == "__main__":
