@@ -34,7 +34,7 @@ def test_class_labels_change_the_output_and_bad_labels_raise():
         model(x, t, torch.tensor([3, 11]))
     with pytest.raises(ValueError, match="class-conditional: pass labels"):
         model(x, t)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="give one of cond_dim, num_classes and context_dim; got 4, 10, None"):
         UNet(**TINY, num_classes=10, cond_dim=4)
 
 

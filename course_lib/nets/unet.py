@@ -73,13 +73,65 @@ class SelfAttention(nn.Module):
         return x + self.out(attended).transpose(1, 2).reshape(B, C, H, W)
 
 
+class CrossAttention(nn.Module):
+    """Attention from the H x W positions (queries) to a sequence of context vectors (keys and values), as a
+    residual block: how a text prompt reaches the image (Rombach et al. 2022, section 3.3)."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"channels ({channels}) must be divisible by heads ({heads})")
+        self.heads = heads
+        self.norm = nn.GroupNorm(min(groups, channels), channels)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = zero_init(nn.Linear(channels, channels))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, H, W); context: (B, L, context_dim); mask: (B, L), True where a token may be attended to
+        B, C, H, W = x.shape
+        split = lambda h: h.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2)  # noqa: E731
+        q = split(self.q(self.norm(x).flatten(2).transpose(1, 2)))  # (B, heads, HW, C / heads)
+        k, v = (split(h) for h in self.kv(context).chunk(2, dim=-1))  # (B, heads, L, C / heads) each
+        attn_mask = mask[:, None, None, :] if mask is not None else None  # (B, 1, 1, L)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, HW, C / heads)
+        attended = attended.transpose(1, 2).reshape(B, H * W, C)
+        return x + self.out(attended).transpose(1, 2).reshape(B, C, H, W)
+
+
 class Level(nn.Module):
     """The residual blocks of one resolution level, each followed by self-attention where the level has it."""
 
-    def __init__(self, c_ins: list[int], c: int, emb_dim: int, attend: bool, heads: int, groups: int, dropout: float):
+    def __init__(
+        self,
+        c_ins: list[int],
+        c: int,
+        emb_dim: int,
+        attend: bool,
+        heads: int,
+        groups: int,
+        dropout: float,
+        context_dim: int | None = None,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(ResBlock(c_in, c, emb_dim, groups, dropout) for c_in in c_ins)
         self.attention = nn.ModuleList(SelfAttention(c, heads, groups) if attend else nn.Identity() for _ in c_ins)
+        if attend and context_dim:  # cross-attention after each self-attention (no parameters otherwise)
+            self.cross = nn.ModuleList(CrossAttention(c, context_dim, heads, groups) for _ in c_ins)
+        else:
+            self.cross = None
+
+    def forward(self, h, emb, skips_in=None, skips_out=None, context=None, context_mask=None):
+        """Run the level's blocks; take a skip before each block (up path) or keep each output (down path)."""
+        for index, (block, attention) in enumerate(zip(self.blocks, self.attention, strict=True)):
+            if skips_in is not None:
+                h = torch.cat([h, skips_in.pop()], dim=1)
+            h = attention(block(h, emb))
+            if self.cross is not None:
+                h = self.cross[index](h, context, context_mask)
+            if skips_out is not None:
+                skips_out.append(h)
+        return h
 
 
 class UNet(nn.Module):
@@ -94,6 +146,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,  # dropout inside the residual blocks
         cond_dim: int | None = None,  # size of an optional conditioning vector added to the time embedding
         num_classes: int | None = None,  # class labels 0..num_classes-1, and num_classes for "no label"
+        context_dim: int | None = None,  # size of the context vectors read by cross-attention (text tokens)
     ):
         super().__init__()
         if not len(channels) == len(blocks) == len(attention):
@@ -104,8 +157,13 @@ class UNet(nn.Module):
         self.levels = len(channels)
         self.time_dim = channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cond_dim and num_classes:
-            raise ValueError(f"give cond_dim or num_classes, not both; got {cond_dim} and {num_classes}")
+        if sum(bool(option) for option in (cond_dim, num_classes, context_dim)) > 1:
+            raise ValueError(
+                f"give one of cond_dim, num_classes and context_dim; got {cond_dim}, {num_classes}, {context_dim}"
+            )
+        if context_dim and not any(attention):
+            raise ValueError("cross-attention sits at the attention levels: context_dim needs attention somewhere")
+        self.context_dim = context_dim
         self.cond_proj = nn.Linear(cond_dim, emb_dim) if cond_dim else None
         self.num_classes = num_classes
         self.class_emb = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
@@ -115,7 +173,8 @@ class UNet(nn.Module):
         self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
         c_prev, skip_channels = channels[0], []
         for level, (c, n_blocks, attend) in enumerate(zip(channels, blocks, attention, strict=True)):
-            self.down.append(Level([c_prev] + [c] * (n_blocks - 1), c, emb_dim, attend, heads, groups, dropout))
+            c_ins = [c_prev] + [c] * (n_blocks - 1)
+            self.down.append(Level(c_ins, c, emb_dim, attend, heads, groups, dropout, context_dim))
             skip_channels += [c] * n_blocks
             if level < self.levels - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
@@ -123,6 +182,7 @@ class UNet(nn.Module):
 
         self.mid1 = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
         self.mid_attention = SelfAttention(c_prev, heads, groups)
+        self.mid_cross = CrossAttention(c_prev, context_dim, heads, groups) if context_dim else None
         self.mid2 = ResBlock(c_prev, c_prev, emb_dim, groups, dropout)
 
         # Up, lowest resolution first: every block takes the matching skip, concatenated on the channels.
@@ -135,33 +195,49 @@ class UNet(nn.Module):
             for _ in range(n_blocks):
                 c_ins.append(c_prev + skip_channels.pop())
                 c_prev = c
-            self.up.append(Level(c_ins, c, emb_dim, attention[level], heads, groups, dropout))
+            self.up.append(Level(c_ins, c, emb_dim, attention[level], heads, groups, dropout, context_dim))
 
         self.norm_out = nn.GroupNorm(min(groups, channels[0]), channels[0])
         self.conv_out = zero_init(nn.Conv2d(channels[0], in_channels, 3, padding=1))
 
-    def forward(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        # xt: (B, in_channels, H, W), any H and W (odd ones too: 7 x 7 latents); t: (B,); cond: condition_embedding
+    def forward(
+        self,
+        xt: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # xt: (B, in_channels, H, W), any H and W (odd ones too: 7 x 7 latents); t: (B,); cond: see below.
+        # cond is labels (B,) with num_classes, a vector (B, cond_dim) with cond_dim, or a context (B, L, context_dim)
+        # with context_dim, whose padded tokens context_mask (B, L) marks False.
         if xt.ndim != 4:
             raise ValueError(f"need images (B, C, H, W); got shape {tuple(xt.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, emb_dim)
-        emb = emb + self.condition_embedding(cond)
+        context = self.check_context(cond) if self.context_dim else None
+        emb = emb if self.context_dim else emb + self.condition_embedding(cond)
+        cross = dict(context=context, context_mask=context_mask)
         h = self.conv_in(xt)  # (B, c0, H, W)
         skips, sizes = [], []
         for index, level in enumerate(self.down):
-            for block, attention in zip(level.blocks, level.attention, strict=True):
-                h = attention(block(h, emb))
-                skips.append(h)
+            h = level(h, emb, skips_out=skips, **cross)
             if index < self.levels - 1:
                 sizes.append(h.shape[-2:])
                 h = self.downsample[index](h)  # (B, c, ceil(H / 2), ceil(W / 2))
-        h = self.mid2(self.mid_attention(self.mid1(h, emb)), emb)  # (B, c_last, H / 2^(levels-1), ...)
+        h = self.mid_attention(self.mid1(h, emb))  # (B, c_last, H / 2^(levels-1), ...)
+        if self.mid_cross is not None:
+            h = self.mid_cross(h, context, context_mask)
+        h = self.mid2(h, emb)
         for index, level in enumerate(self.up):
-            for block, attention in zip(level.blocks, level.attention, strict=True):
-                h = attention(block(torch.cat([h, skips.pop()], dim=1), emb))
+            h = level(h, emb, skips_in=skips, **cross)
             if index < self.levels - 1:
                 h = F.interpolate(h, size=sizes.pop(), mode="nearest")  # (B, c, 2 H, 2 W): the skip's size
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, in_channels, H, W)
+
+    def check_context(self, context: torch.Tensor | None) -> torch.Tensor:
+        if context is None or context.ndim != 3 or context.shape[-1] != self.context_dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"this UNet reads a context (B, L, {self.context_dim}) by cross-attention; got {got}")
+        return context
 
     def condition_embedding(self, cond: torch.Tensor | None) -> torch.Tensor | float:
         """What `cond` adds to the time embedding: a label's learned vector, a projected vector, or 0 for none."""
