@@ -33,6 +33,17 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: torc
     return torch.where(dropped, torch.full_like(labels, null_label), labels)
 
 
+def label_condition(labels: torch.Tensor, p: float, null_label: int):
+    """The `condition` of `course_lib.train.train` for class labels (N,): the minibatch's labels, each dropped to
+    `null_label` with probability p."""
+    check_probability("p", p)
+
+    def condition(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return drop_labels(labels[index], p, null_label, generator)
+
+    return condition
+
+
 def cfg_combine(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
     """uncond + scale * (cond - uncond): the guided prediction (module docstring)."""
     return uncond + scale * (cond - uncond)

@@ -14,6 +14,7 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,6 @@ import torch
 from tqdm.auto import tqdm
 
 from course_lib.ddpm import simple_loss
-from course_lib.guidance import check_probability, drop_labels
 from course_lib.schedules import Schedule
 
 
@@ -38,8 +38,6 @@ class TrainConfig:
     min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None: the plain simple loss
     seed: int = 0
     checkpoint_every_s: float = 300.0  # seconds between checkpoints when a checkpoint file is given
-    label_dropout: float = 0.0  # with labels: the probability of training a label as "no label" (chapter 7)
-    null_label: int | None = None  # the "no label" label (UNet(num_classes=K): K)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.warmup < 0:
@@ -49,9 +47,6 @@ class TrainConfig:
             )
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1); got {self.ema_decay}")
-        check_probability("label_dropout", self.label_dropout)
-        if self.label_dropout > 0 and self.null_label is None:
-            raise ValueError(f"label_dropout={self.label_dropout} needs the null_label to drop labels to")
 
 
 def warmup_cosine(step: int, steps: int, warmup: int) -> float:
@@ -98,20 +93,18 @@ def train(
     budget_s: float | None = None,
     checkpoint: str | Path | None = None,
     progress: bool = True,
-    labels: torch.Tensor | None = None,
+    condition: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> tuple[TrainState, EMA | None]:
     """Train `model` in place on random minibatches of `data` (N, ...); returns (state, ema).
 
-    With `labels` (N,), the model is called as model(xt, t, labels) with each example's label, dropped to
-    config.null_label with probability config.label_dropout (classifier-free guidance, `course_lib.guidance`).
+    With `condition`, the model is called as model(xt, t, cond) with cond = condition(index, generator) for the
+    minibatch's indices into data: labels with some dropped (`guidance.label_condition`), or caption tokens.
 
     Stops after config.steps in all, or after budget_s seconds of this call. With `checkpoint`, resumes from the
     file if it exists and saves to it every config.checkpoint_every_s seconds and at the end.
     The device comes from the model's parameters.
     """
     device = next(model.parameters()).device
-    if labels is not None and len(labels) != len(data):
-        raise ValueError(f"need one label per example: {len(labels)} labels for {len(data)} examples")
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
@@ -126,9 +119,7 @@ def train(
         # 1. a random minibatch of clean data
         index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
         x0 = data[index].to(device)
-        cond = None
-        if labels is not None:
-            cond = drop_labels(labels[index], config.label_dropout, config.null_label, generator).to(device)
+        cond = condition(index, generator).to(device) if condition is not None else None
         # 2. the loss at random t with fresh noise
         loss = simple_loss(model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
         # 3. one optimiser step at this step's learning rate, then the EMA

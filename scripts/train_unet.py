@@ -7,6 +7,8 @@
 Recipes (each a fixed model, schedule and optimiser, so that every session trains the same run):
     unet_mnist_eps      unconditional digits, eps prediction (chapters 4-5)
     unet_mnist_class    class-conditional digits with 10% label dropout, for classifier-free guidance (chapter 7)
+    unet_mnist_text     digits from captions ("a thick seven leaning right"), text encoder and cross-attention
+                        trained together, parts and whole captions dropped (chapter 7)
     latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6; needs that VAE)
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
@@ -16,15 +18,18 @@ once the finished model is exported.
 """
 
 import argparse
+import importlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from course_lib.captions import caption_parts, random_captions, tokenize
 from course_lib.data import load_digits
-from course_lib.nets.unet import UNet
+from course_lib.guidance import label_condition
 from course_lib.profiles import describe_machine, get_device
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
@@ -36,11 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Recipe:
     name: str  # data/NAME.safetensors and data/training/NAME.pt
-    model: dict  # UNet keyword arguments
+    model: dict  # keyword arguments of model_class
     config: TrainConfig
     schedule: dict = field(default_factory=lambda: dict(name="cosine", T=1000))
-    labels: bool = False  # train with the class labels (classifier-free guidance)
+    condition: str | None = None  # None, "labels" or "captions" (each partly dropped: classifier-free guidance)
     latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
+    model_class: str = "course_lib.nets.unet.UNet"
+
+
+LABEL_DROPOUT = 0.1  # labels trained as "no label"
+CAPTION_DROPOUT = dict(drop_part=0.3, drop_all=0.1)  # see course_lib.captions.random_captions
 
 
 DIGIT_MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
@@ -60,11 +70,13 @@ RECIPES = {
     recipe.name: recipe
     for recipe in [
         Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG),
+        Recipe("unet_mnist_class", {**DIGIT_MODEL, "num_classes": 10}, DIGIT_CONFIG, condition="labels"),
         Recipe(
-            "unet_mnist_class",
-            {**DIGIT_MODEL, "num_classes": 10},
-            TrainConfig(**{**asdict(DIGIT_CONFIG), "label_dropout": 0.1, "null_label": 10}),
-            labels=True,
+            "unet_mnist_text",
+            {**DIGIT_MODEL, "text": dict(dim=64, layers=2, heads=4)},
+            DIGIT_CONFIG,
+            condition="captions",
+            model_class="course_lib.nets.text.TextConditionedUNet",
         ),
         Recipe(
             "latent_mnist_eps",
@@ -78,24 +90,38 @@ RECIPES = {
 NAME, MODEL, SCHEDULE, CONFIG = "unet_mnist_eps", DIGIT_MODEL, RECIPES["unet_mnist_eps"].schedule, DIGIT_CONFIG
 
 
+def build(recipe: Recipe) -> torch.nn.Module:
+    module_name, _, class_name = recipe.model_class.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**recipe.model)
+
+
 @torch.no_grad()
-def training_data(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The recipe's training examples (pixels, or the VAE's latent means times its scaling factor) and labels."""
+def training_data(recipe: Recipe) -> tuple[torch.Tensor, Callable | None]:
+    """The recipe's training examples (pixels, or the VAE's latent means times its scaling factor) and the
+    `condition` that gives each minibatch its labels or caption tokens."""
     images, labels = load_digits("train")
+    condition = None
+    if recipe.condition == "labels":
+        condition = label_condition(labels, LABEL_DROPOUT, null_label=10)
+    elif recipe.condition == "captions":
+        parts = caption_parts(images, labels)
+        condition = lambda index, generator: tokenize(  # noqa: E731
+            random_captions([parts[i] for i in index.tolist()], generator, **CAPTION_DROPOUT)
+        )
     if recipe.latents:
         vae, scale = load_model(recipe.latents), load_card(recipe.latents)["scaling_factor"]
         images = torch.cat([vae.encode(images[i : i + 500]).mode() for i in range(0, len(images), 500)]) * scale
-    return images, labels if recipe.labels else None
+    return images, condition
 
 
 def export(recipe: Recipe, checkpoint: Path) -> None:
     """Write the checkpoint's EMA weights to data/NAME.safetensors with a card; an unfinished run says so."""
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model = UNet(**recipe.model)
+    model = build(recipe)
     model.load_state_dict(payload["ema"])
     step, steps = payload["step"], recipe.config.steps
     card = {
-        "model": {"class": "course_lib.nets.unet.UNet", **recipe.model},
+        "model": {"class": recipe.model_class, **recipe.model},
         "schedule": recipe.schedule,
         "prediction_type": recipe.config.prediction_type,
         "training": {
@@ -111,6 +137,11 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
         },
         "weights": "EMA weights, stored as float16",
     }
+    if recipe.condition:
+        card["condition"] = {
+            "labels": {"kind": "labels 0-9, 10 = no label", "dropout": LABEL_DROPOUT},
+            "captions": {"kind": "course_lib.captions (tokenize)", "dropout": CAPTION_DROPOUT},
+        }[recipe.condition]
     if recipe.latents:
         card["latents"] = {"vae": recipe.latents, "scaling_factor": load_card(recipe.latents)["scaling_factor"]}
     path = save_weights(model, recipe.name, card)
@@ -133,8 +164,8 @@ def main() -> None:
     if args.budget_minutes > 0:
         device = get_device()
         torch.manual_seed(recipe.config.seed)
-        model = UNet(**recipe.model).to(device)
-        data, labels = training_data(recipe)
+        model = build(recipe).to(device)
+        data, condition = training_data(recipe)
         schedule = make_schedule(**recipe.schedule)
         start = time.perf_counter()
         state, _ = train(
@@ -144,7 +175,7 @@ def main() -> None:
             recipe.config,
             budget_s=args.budget_minutes * 60,
             checkpoint=checkpoint,
-            labels=labels,
+            condition=condition,
         )
         recent = state.losses[-100:]
         print(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from course_lib.guidance import Guided, cfg_combine, drop_labels
+from course_lib.guidance import Guided, cfg_combine, drop_labels, label_condition
 from course_lib.nets.unet import UNet
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
@@ -100,14 +100,15 @@ class RecordingDenoiser(torch.nn.Module):
 def test_training_with_labels_drops_them_at_the_configured_rate():
     data, labels = torch.randn(64, 1, 4, 4), torch.arange(64) % 10
     model = RecordingDenoiser()
-    config = TrainConfig(steps=50, batch_size=64, ema_decay=None, label_dropout=0.25, null_label=10)
-    train(model, make_schedule("cosine", 100), data, config, progress=False, labels=labels)
+    config = TrainConfig(steps=50, batch_size=64, ema_decay=None)
+    condition = label_condition(labels, 0.25, 10)
+    train(model, make_schedule("cosine", 100), data, config, progress=False, condition=condition)
     seen = torch.cat(model.seen)
     assert abs((seen == 10).float().mean().item() - 0.25) < 0.03 and seen.max() == 10
-    with pytest.raises(ValueError, match="needs the null_label"):
-        TrainConfig(label_dropout=0.1)
-    with pytest.raises(ValueError, match="3 labels for 64 examples"):
-        train(model, make_schedule("cosine", 100), data, config, progress=False, labels=labels[:3])
+    kept = seen != 10
+    assert kept.any() and (seen[kept] < 10).all()
+    with pytest.raises(ValueError, match="p=1.5"):
+        label_condition(labels, 1.5, 10)
 
 
 def test_a_checkpoint_saved_before_a_config_field_existed_still_resumes(tmp_path):
@@ -116,7 +117,7 @@ def test_a_checkpoint_saved_before_a_config_field_existed_still_resumes(tmp_path
     model = ConvDenoiser()
     train(model, make_schedule("cosine", 100), data, config, checkpoint=checkpoint, budget_s=0, progress=False)
     payload = torch.load(checkpoint, weights_only=True)
-    del payload["config"]["label_dropout"], payload["config"]["null_label"]  # as written by an older version
+    del payload["config"]["min_snr_gamma"]  # as if written before that field existed
     torch.save(payload, checkpoint)
     state, _ = train(model, make_schedule("cosine", 100), data, config, checkpoint=checkpoint, progress=False)
     assert state.step == 4
