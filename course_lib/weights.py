@@ -37,25 +37,34 @@ def load_card(name: str, folder: Path | None = None) -> dict:
     return json.loads(path.read_text())
 
 
-def load_weights(model: torch.nn.Module, name: str, folder: Path | None = None) -> torch.nn.Module:
-    """Load NAME.safetensors into `model` (float32, on the model's device) after checking its sha256."""
+def load_weights(
+    model: torch.nn.Module, name: str, folder: Path | None = None, allow_new: bool = False
+) -> torch.nn.Module:
+    """Load NAME.safetensors into `model` (float32, on the model's device) after checking its sha256.
+
+    allow_new=True starts a larger model from a shipped one (a conditional UNet from the unconditional one): the
+    model may have parameters the file lacks, which keep their initial values; every tensor of the file must still
+    fit one of the model's."""
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / f"{name}.safetensors"
     verify_file(path, f"the training script named in data/{name}.json (see data/README.md)")
     tensors = load_file(path)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if allow_new:
+        missing = []
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     misshapen = [
         f"{key} {tuple(tensors[key].shape)} vs {tuple(value.shape)}"
         for key, value in expected.items()
-        if tensors[key].shape != value.shape
+        if key in tensors and tensors[key].shape != value.shape
     ]
     if misshapen:
         raise ValueError(f"{path} does not fit this model (file vs model shapes): {misshapen[:3]}")
     device = next(model.parameters()).device
-    model.load_state_dict({key: value.to(device, expected[key].dtype) for key, value in tensors.items()})
+    loaded = {key: value.to(device, expected[key].dtype) for key, value in tensors.items()}
+    model.load_state_dict(loaded, strict=not allow_new)
     return model.eval()
 
 

@@ -22,7 +22,7 @@ import importlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from course_lib.guidance import label_condition
 from course_lib.profiles import describe_machine, get_device
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
-from course_lib.weights import load_card, load_model, save_weights
+from course_lib.weights import load_card, load_model, load_weights, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +47,7 @@ class Recipe:
     condition: str | None = None  # None, "labels" or "captions" (each partly dropped: classifier-free guidance)
     latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
     model_class: str = "course_lib.nets.unet.UNet"
+    init_from: str | None = None  # start the UNet from this shipped model (new layers start as no-ops)
 
 
 LABEL_DROPOUT = 0.1  # labels trained as "no label"
@@ -66,17 +67,26 @@ DIGIT_CONFIG = TrainConfig(
     seed=0,
     checkpoint_every_s=300,
 )
+# The conditional models start from the unconditional one, whose denoising they keep, and learn the condition.
+FINE_TUNE_CONFIG = replace(DIGIT_CONFIG, steps=2000, lr=1e-3, warmup=100)
 RECIPES = {
     recipe.name: recipe
     for recipe in [
         Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG),
-        Recipe("unet_mnist_class", {**DIGIT_MODEL, "num_classes": 10}, DIGIT_CONFIG, condition="labels"),
+        Recipe(
+            "unet_mnist_class",
+            {**DIGIT_MODEL, "num_classes": 10},
+            FINE_TUNE_CONFIG,
+            condition="labels",
+            init_from="unet_mnist_eps",
+        ),
         Recipe(
             "unet_mnist_text",
             {**DIGIT_MODEL, "text": dict(dim=64, layers=2, heads=4)},
-            DIGIT_CONFIG,
+            replace(FINE_TUNE_CONFIG, steps=3000),
             condition="captions",
             model_class="course_lib.nets.text.TextConditionedUNet",
+            init_from="unet_mnist_eps",
         ),
         Recipe(
             "latent_mnist_eps",
@@ -91,8 +101,17 @@ NAME, MODEL, SCHEDULE, CONFIG = "unet_mnist_eps", DIGIT_MODEL, RECIPES["unet_mni
 
 
 def build(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's model at initialisation, or started from `init_from`: its UNet takes the shipped weights, and
+    the class embedding starts at zero, so that at step 0 the model is the shipped unconditional one (the
+    cross-attention layers start as no-ops anyway: their output layers are zero-initialised)."""
     module_name, _, class_name = recipe.model_class.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)(**recipe.model)
+    model = getattr(importlib.import_module(module_name), class_name)(**recipe.model)
+    if recipe.init_from:
+        unet = getattr(model, "unet", model)
+        load_weights(unet, recipe.init_from, allow_new=True)
+        if unet.class_emb is not None:
+            torch.nn.init.zeros_(unet.class_emb.weight)
+    return model
 
 
 @torch.no_grad()
@@ -137,6 +156,8 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
         },
         "weights": "EMA weights, stored as float16",
     }
+    if recipe.init_from:
+        card["training"]["init_from"] = f"data/{recipe.init_from}.safetensors (new layers initialised as no-ops)"
     if recipe.condition:
         card["condition"] = {
             "labels": {"kind": "labels 0-9, 10 = no label", "dropout": LABEL_DROPOUT},

@@ -94,3 +94,17 @@ def test_a_card_names_the_model_to_build(tmp_path):
     save_weights(model, "foreign", {"model": {"class": "os.system"}}, folder=tmp_path)
     with pytest.raises(ValueError, match="'os.system'; only course_lib classes"):
         load_model("foreign", folder=tmp_path)
+
+
+def test_a_larger_model_starts_from_shipped_weights(tmp_path):
+    torch.manual_seed(0)
+    small = UNet(**TINY)
+    torch.nn.init.normal_(small.conv_out.weight)
+    save_weights(small, "tiny", {"model": TINY}, folder=tmp_path)
+    conditional = UNet(**TINY, num_classes=10)
+    with pytest.raises(ValueError, match=r"missing \['class_emb.weight'\]"):
+        load_weights(conditional, "tiny", tmp_path)
+    load_weights(conditional, "tiny", tmp_path, allow_new=True)
+    assert torch.allclose(conditional.conv_out.weight, small.conv_out.weight, atol=1e-2)
+    with pytest.raises(ValueError, match="does not fit this model"):  # file tensors the model lacks still raise
+        load_weights(UNet(channels=(8,), blocks=(1,), attention=(True,), heads=2, groups=4), "tiny", tmp_path, True)
