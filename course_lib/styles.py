@@ -1,0 +1,31 @@
+"""Measurable styles made from the digits (chapter 8): bold strokes and a slant to the right.
+
+A LoRA fine-tune teaches the shipped digit model one of these from a few hundred restyled digits; because each
+style moves one of the measurements of `course_lib.captions` (stroke thickness, slant), how far a model has
+taken on a style is a number, not an impression.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from course_lib.metrics import check_images
+
+
+def embolden(images: torch.Tensor) -> torch.Tensor:
+    """Thicker strokes: each pixel takes the brightest of itself and its four neighbours (a dilation by a plus
+    shape), which widens a stroke by about two pixels. Images (B, 1, H, W) in [-1, 1], the same shape back."""
+    check_images(images)
+    padded = F.pad(images, (1, 1, 1, 1), value=-1.0)
+    neighbours = [padded[..., :-2, 1:-1], padded[..., 2:, 1:-1], padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]]
+    return torch.stack([images, *neighbours]).amax(0)
+
+
+def shear(images: torch.Tensor, amount: float) -> torch.Tensor:
+    """Lean the digits: each row moves right by `amount` pixels per row above the image's middle (bilinear
+    resampling; the background stays -1). `course_lib.captions.measure_slant` goes up by about `amount`."""
+    check_images(images)
+    B, _, H, W = images.shape
+    # output (x, y) in [-1, 1] reads input x - amount * (-y) * (H / W): rows above the middle (y < 0) move right
+    theta = torch.tensor([[1.0, amount * H / W, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(theta.expand(B, 2, 3), list(images.shape), align_corners=False)
+    return F.grid_sample(images + 1, grid, padding_mode="zeros", align_corners=False) - 1
