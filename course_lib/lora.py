@@ -173,10 +173,16 @@ def lora_state_dict(model: nn.Module, adapter: str = DEFAULT_ADAPTER) -> dict[st
     return state
 
 
-def save_lora(model: nn.Module, path: Path | str, adapter: str = DEFAULT_ADAPTER) -> Path:
-    """Write one adapter's weights (and its rank / alpha per layer) to a safetensors file; nothing else."""
+def save_lora(
+    model: nn.Module, path: Path | str, adapter: str = DEFAULT_ADAPTER, dtype: torch.dtype | None = None
+) -> Path:
+    """Write one adapter's weights (and its alpha / r per layer) to a safetensors file; nothing else. dtype
+    (float16, say, as the course's shipped weights) converts them; `load_lora` converts back to the layer's."""
     path = Path(path)
-    state = {key: value.detach().cpu().contiguous() for key, value in lora_state_dict(model, adapter).items()}
+    state = {
+        key: value.detach().to("cpu", dtype or value.dtype).contiguous()
+        for key, value in lora_state_dict(model, adapter).items()
+    }
     config = {name: layer.scaling[adapter] for name, layer in lora_layers(model).items() if adapter in layer.scaling}
     save_file(state, path, metadata={"adapter": adapter, "scaling": json.dumps(config)})
     return path
@@ -202,5 +208,5 @@ def load_lora(model: nn.Module, path: Path | str, adapter: str | None = None) ->
         for key, value in tensors.items():
             layer_name, _, rest = key.partition(".lora_")
             part = "lora_A" if rest.startswith("A.") else "lora_B"
-            getattr(layers[layer_name], part)[name].weight.copy_(value)
+            getattr(layers[layer_name], part)[name].weight.copy_(value)  # copy_ converts the dtype
     return name

@@ -134,6 +134,8 @@ def test_only_adapters_train_and_only_adapters_are_saved(tmp_path):
         nn.init.normal_(next(iter(layer.lora_B.values())).weight, std=0.01)
     path = save_lora(unet, tmp_path / "adapter.safetensors")
     assert path.stat().st_size < 0.05 * full * 4
+    half = save_lora(unet, tmp_path / "half.safetensors", dtype=torch.float16)
+    assert half.stat().st_size < 0.6 * path.stat().st_size
     xt, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 500])
     torch.manual_seed(0)
     fresh = UNet()

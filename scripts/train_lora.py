@@ -1,0 +1,128 @@
+"""Teach the shipped digit model a style with LoRA, and compare with a full fine-tune (chapter 8).
+
+    python scripts/train_lora.py --style bold                 LoRA fine-tune, export data/lora_bold.{safetensors,json}
+    python scripts/train_lora.py --style slant                the same for slanted digits
+    python scripts/train_lora.py --style bold --compare       also a full fine-tune of the same steps; measure both
+
+The style data are 500 train digits made bold (`course_lib.styles.embolden`) or slanted (`shear`, 0.4). Both runs
+start from data/unet_mnist_eps and train with `course_lib.train.train` (same steps, batch, seed); LoRA trains only
+rank-4 adapters on the attention projections and the second conv of every residual block (about 2% of the
+parameters), the full fine-tune trains everything. The style measure is the mean stroke thickness (bold) or slant
+(slant) of 200 DDIM-20 samples, against the base model's samples and the style data; with --compare the numbers
+and both wall times go to data/benchmarks/lora_STYLE.json and stdout.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from course_lib.benchmark import draw_samples, save_results
+from course_lib.captions import measure_slant, measure_thickness
+from course_lib.data import data_dir, load_digits, record_sha256
+from course_lib.lora import inject_lora, mark_only_lora_trainable, save_lora
+from course_lib.profiles import describe_machine
+from course_lib.schedules import make_schedule
+from course_lib.styles import embolden, shear
+from course_lib.train import TrainConfig, train
+from course_lib.weights import STORAGE_DTYPE, load_card, load_model
+
+BASE = "unet_mnist_eps"
+TARGETS, RANK, ALPHA = ["qkv", "out", "conv2"], 4, 4.0
+STYLE_DIGITS, SAMPLES, SAMPLE_STEPS = 500, 200, 20
+STYLES = {
+    "bold": (embolden, measure_thickness, "mean stroke thickness (pixels)"),
+    "slant": (lambda images: shear(images, 0.4), measure_slant, "mean slant"),
+}
+LORA_CONFIG = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, min_snr_gamma=5.0, seed=0)
+FULL_CONFIG = TrainConfig(**{**asdict(LORA_CONFIG), "lr": 2e-4})  # the usual lower rate for all weights
+
+
+def style_measure(model: torch.nn.Module, style: str) -> float:
+    schedule = make_schedule(**load_card(BASE)["schedule"])
+    samples, _ = draw_samples(model, schedule, "DDIM", SAMPLE_STEPS, SAMPLES, seed=1)
+    return STYLES[style][1](samples).mean().item()
+
+
+def fine_tune(style: str, lora: bool, steps: int | None = None) -> tuple[torch.nn.Module, dict]:
+    """Fine-tune a fresh copy of the base model on the style data; returns the EMA model and what was measured."""
+    restyle = STYLES[style][0]
+    data = restyle(load_digits("train")[0][:STYLE_DIGITS])
+    model = load_model(BASE)
+    full_parameters = sum(p.numel() for p in model.parameters())
+    if lora:
+        inject_lora(model, TARGETS, RANK, ALPHA)
+        trainable = mark_only_lora_trainable(model)
+    else:
+        trainable = full_parameters
+    config = LORA_CONFIG if lora else FULL_CONFIG
+    if steps:
+        config = TrainConfig(**{**asdict(config), "steps": steps, "warmup": min(config.warmup, steps)})
+    start = time.perf_counter()
+    _, ema = train(model, make_schedule(**load_card(BASE)["schedule"]), data, config)
+    seconds = time.perf_counter() - start
+    # sample, measure and save the EMA weights (adapters included), as for every shipped model
+    return ema.model, {"trainable_parameters": trainable, "share": trainable / full_parameters, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--style", choices=sorted(STYLES), required=True)
+    parser.add_argument("--compare", action="store_true", help="also run a full fine-tune and measure both")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--steps", type=int, help="override the number of steps (a quick check; not for export)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = f"lora_{args.style}"
+    _, measure, measure_name = STYLES[args.style]
+    base_value = style_measure(load_model(BASE), args.style)
+    data_value = measure(STYLES[args.style][0](load_digits("train")[0][:STYLE_DIGITS])).mean().item()
+
+    model, lora_run = fine_tune(args.style, lora=True, steps=args.steps)
+    lora_run["measure"] = style_measure(model, args.style)
+    path = save_lora(model, data_dir() / f"{name}.safetensors", dtype=STORAGE_DTYPE)  # float16, as the base
+    base_size = (data_dir() / f"{BASE}.safetensors").stat().st_size
+    card = {
+        "base": BASE,
+        "style": args.style,
+        "targets": TARGETS,
+        "rank": RANK,
+        "alpha": ALPHA,
+        "style_measure": {"name": measure_name, "base": base_value, "data": data_value, "lora": lora_run["measure"]},
+        "trainable_parameters": lora_run["trainable_parameters"],
+        "trainable_share": round(lora_run["share"], 4),
+        "file_share": round(path.stat().st_size / base_size, 4),
+        "training": {
+            **asdict(LORA_CONFIG),
+            "data": f"the first {STYLE_DIGITS} train digits, restyled ({args.style})",
+            "wall_minutes": round(lora_run["seconds"] / 60, 1),
+            "machine": describe_machine(),
+            "command": "python " + " ".join(["scripts/train_lora.py", *sys.argv[1:]]),
+        },
+    }
+    card_path = data_dir() / f"{name}.json"
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    record_sha256(path)
+    record_sha256(card_path)
+    print(f"{measure_name}: base {base_value:.3f}, style data {data_value:.3f}, LoRA {lora_run['measure']:.3f}")
+    print(f"exported {Path(path).name}: {path.stat().st_size / 1e3:.0f} KB, {card['file_share']:.1%} of the base file")
+    if args.compare:
+        full_model, full_run = fine_tune(args.style, lora=False, steps=args.steps)
+        full_run["measure"] = style_measure(full_model, args.style)
+        reach = (lora_run["measure"] - base_value) / (full_run["measure"] - base_value)
+        results = {"style": args.style, "measure": measure_name, "base": base_value, "data": data_value}
+        results.update({"lora": lora_run, "full": full_run, "lora_reach": reach, "machine": describe_machine()})
+        save_results(name, results)
+        print(
+            f"full fine-tune {full_run['measure']:.3f} in {full_run['seconds']:.0f} s; LoRA {lora_run['seconds']:.0f} s"
+        )
+        print(f"LoRA reaches {reach:.0%} of the full fine-tune's change of the style measure")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
