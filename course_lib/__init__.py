@@ -11,10 +11,16 @@ One concept per module, in the order the course teaches them:
     ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler            chapter 3
     samplers    DDIM: the step with eta, timestep spacings, inversion, slerp               chapter 5
     solvers     DPM-Solver++(2M), Euler with Karras sigmas                                 chapter 5
-    nets/       the networks (they know nothing of schedules): mlp, unet, classifier       chapter 3 on
+    nets/       the networks (they know nothing of schedules): mlp, unet, classifier,      chapter 3 on
+                vae (latent autoencoder), text (text encoder, text-conditioned UNet)
     train       the training loop: AdamW, warm-up, clipping, EMA, resumable checkpoints    chapter 3 on
     weights     shipped weights: safetensors + JSON card + sha256 manifest                 chapter 4 on
     metrics     distances between samples and data, always beside their floor             chapter 3 on
+    benchmark   the diffusers baseline, FLOPs, throughput, the sampler family timed        chapters 4-5
+    guidance    classifier-free guidance: label dropout, one batched guided forward        chapter 7
+    captions    captions from measured slant and stroke thickness; the tokenizer           chapter 7
+    lora        low-rank adapters for Linear / Conv2d: inject, scale, merge, save          chapter 8
+    styles      measurable styles (bold, slanted digits) for LoRA                          chapter 8
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):
