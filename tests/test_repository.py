@@ -41,3 +41,14 @@ def test_notebooks_are_stored_with_outputs():
         assert all(c.execution_count for c in cells), f"{path.name} has cells stored without running them"
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{path.name} is stored with an error: {errors[0].get('ename')}"
+
+
+def test_ci_runs_make_test_on_cpu_and_on_a_guarded_gpu_runner():
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    cpu, gpu = workflow["jobs"]["cpu"], workflow["jobs"]["gpu"]
+    assert any(step.get("run") == "make test" for step in cpu["steps"])
+    assert gpu["runs-on"] == ["self-hosted", "gpu"]
+    assert "head.repo.full_name == github.repository" in gpu["if"]  # no fork code on the self-hosted runner
+    runs = [step.get("run", "") for step in gpu["steps"]]
+    assert "torch.cuda.is_available()" in "".join(runs) and runs[-1] == "make test"
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("make test")
