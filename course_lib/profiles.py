@@ -39,6 +39,8 @@ class Profile:
     sampler_samples: int  # digits per sampler when samplers are compared live (chapter 5; 2..1000)
     step_counts: tuple[int, ...]  # numbers of sampling steps swept (chapter 5), each in 1..T
     inversion_images: int  # real digits inverted to noise and back (chapter 5)
+    lora_train_steps: int  # steps of the LoRA fine-tune trained live (chapter 8)
+    style_samples: int  # digits sampled to measure a style (chapter 8)
 
 
 PROFILES = {
@@ -57,6 +59,8 @@ PROFILES = {
         sampler_samples=16,
         step_counts=(2, 5),
         inversion_images=2,
+        lora_train_steps=2,
+        style_samples=8,
     ),
     "cpu": Profile(
         "cpu",
@@ -73,6 +77,8 @@ PROFILES = {
         sampler_samples=200,
         step_counts=(5, 10, 20, 50, 100),
         inversion_images=8,
+        lora_train_steps=150,
+        style_samples=128,
     ),
     "gpu": Profile(
         "gpu",
@@ -89,6 +95,8 @@ PROFILES = {
         sampler_samples=1000,
         step_counts=(5, 10, 20, 50, 100, 200),
         inversion_images=32,
+        lora_train_steps=600,
+        style_samples=500,
     ),
 }
 
