@@ -1,9 +1,10 @@
 """The training loop, kept plain and visible: sample a batch, compute the loss, step the optimiser, update the EMA.
 
 Taught in notebooks/03_ddpm.ipynb (toy data) and notebooks/04_unet.ipynb (digits). The loss is
-`ddpm.simple_loss` (Ho et al. 2020, eq. 14, optionally min-SNR weighted); AdamW (Loshchilov & Hutter 2019) with a
-linear warm-up and a cosine decay (Loshchilov & Hutter 2017), gradient-norm clipping, and an exponential moving
-average of the weights with warm-up (the EMA weights are the ones we sample with).
+`ddpm.simple_loss` (Ho et al. 2020, eq. 14, optionally min-SNR weighted), or in chapter 10 the flow-matching loss
+`flow.flow_loss` (`objective="flow"`; `"reflow"` trains on fixed (noise, sample) pairs). AdamW (Loshchilov &
+Hutter 2019) with a linear warm-up and a cosine decay (Loshchilov & Hutter 2017), gradient-norm clipping, and an
+exponential moving average of the weights with warm-up (the EMA weights are the ones we sample with).
 
 A run can be given a wall-clock budget and a checkpoint file: it stops when the budget is spent, saves
 everything needed to continue (model, EMA, optimiser, step, random state, loss history), and the next call with
@@ -21,8 +22,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib.ddpm import simple_loss
+from course_lib.ddpm import check_choice, simple_loss
+from course_lib.flow import flow_loss, reflow_loss
 from course_lib.schedules import Schedule
+
+OBJECTIVES = ("ddpm", "flow", "reflow")
 
 
 @dataclass
@@ -34,7 +38,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max gradient norm (None: no clipping)
     ema_decay: float | None = 0.999  # EMA decay after warm-up (None: no EMA)
-    prediction_type: str = "eps"
+    objective: str = "ddpm"  # "ddpm": simple_loss; "flow": flow_loss; "reflow": reflow_loss on (B, 2, ...) pairs
+    prediction_type: str = "eps"  # what a "ddpm" model predicts (flow models always predict the velocity)
     min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None: the plain simple loss
     seed: int = 0
     checkpoint_every_s: float = 300.0  # seconds between checkpoints when a checkpoint file is given
@@ -45,6 +50,7 @@ class TrainConfig:
                 f"need steps >= 1, batch_size >= 1, warmup >= 0; got steps={self.steps}, "
                 f"batch_size={self.batch_size}, warmup={self.warmup}"
             )
+        check_choice("objective", self.objective, OBJECTIVES)
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1); got {self.ema_decay}")
 
@@ -87,7 +93,7 @@ class TrainState:
 
 def train(
     model: torch.nn.Module,
-    schedule: Schedule,
+    schedule: Schedule | None,
     data: torch.Tensor,
     config: TrainConfig,
     budget_s: float | None = None,
@@ -100,10 +106,13 @@ def train(
     With `condition`, the model is called as model(xt, t, cond) with cond = condition(index, generator) for the
     minibatch's indices into data: labels with some dropped (`guidance.label_condition`), or caption tokens.
 
+    `schedule` is the DDPM schedule of the "ddpm" objective; the flow objectives have none and take None.
     Stops after config.steps in all, or after budget_s seconds of this call. With `checkpoint`, resumes from the
     file if it exists and saves to it every config.checkpoint_every_s seconds and at the end.
     The device comes from the model's parameters.
     """
+    if config.objective == "ddpm" and schedule is None:
+        raise ValueError('the "ddpm" objective needs the schedule; only "flow" and "reflow" take schedule=None')
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -120,8 +129,13 @@ def train(
         index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
         x0 = data[index].to(device)
         cond = condition(index, generator).to(device) if condition is not None else None
-        # 2. the loss at random t with fresh noise
-        loss = simple_loss(model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
+        # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
+        if config.objective == "ddpm":
+            loss = simple_loss(model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
+        elif config.objective == "flow":
+            loss = flow_loss(model, x0, generator, cond)
+        else:
+            loss = reflow_loss(model, x0, generator, cond)
         # 3. one optimiser step at this step's learning rate, then the EMA
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_lambda(state.step)

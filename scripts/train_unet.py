@@ -10,6 +10,8 @@ Recipes (each a fixed model, schedule and optimiser, so that every session train
     unet_mnist_text     digits from captions ("a thick seven leaning right"), text encoder and cross-attention
                         trained together, parts and whole captions dropped (chapter 7)
     latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6; needs that VAE)
+    unet_mnist_flow     unconditional digits by flow matching (velocity on straight paths), started from
+                        unet_mnist_eps (chapter 10)
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
 exactly where it stopped. The checkpoint of an unfinished run is committed as data/training/NAME.pt (AdamW state
@@ -43,7 +45,7 @@ class Recipe:
     name: str  # data/NAME.safetensors and data/training/NAME.pt
     model: dict  # keyword arguments of model_class
     config: TrainConfig
-    schedule: dict = field(default_factory=lambda: dict(name="cosine", T=1000))
+    schedule: dict | None = field(default_factory=lambda: dict(name="cosine", T=1000))  # None: a flow objective
     condition: str | None = None  # None, "labels" or "captions" (each partly dropped: classifier-free guidance)
     latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
     model_class: str = "course_lib.nets.unet.UNet"
@@ -86,6 +88,13 @@ RECIPES = {
             replace(FINE_TUNE_CONFIG, steps=3000),
             condition="captions",
             model_class="course_lib.nets.text.TextConditionedUNet",
+            init_from="unet_mnist_eps",
+        ),
+        Recipe(
+            "unet_mnist_flow",
+            DIGIT_MODEL,
+            replace(FINE_TUNE_CONFIG, steps=3000, objective="flow"),
+            schedule=None,
             init_from="unet_mnist_eps",
         ),
         Recipe(
@@ -142,7 +151,7 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
     card = {
         "model": {"class": recipe.model_class, **recipe.model},
         "schedule": recipe.schedule,
-        "prediction_type": recipe.config.prediction_type,
+        "prediction_type": "velocity" if recipe.config.objective != "ddpm" else recipe.config.prediction_type,
         "training": {
             **asdict(recipe.config),
             "steps_done": step,
@@ -187,7 +196,7 @@ def main() -> None:
         torch.manual_seed(recipe.config.seed)
         model = build(recipe).to(device)
         data, condition = training_data(recipe)
-        schedule = make_schedule(**recipe.schedule)
+        schedule = make_schedule(**recipe.schedule) if recipe.schedule else None
         start = time.perf_counter()
         state, _ = train(
             model,
