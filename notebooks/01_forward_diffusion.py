@@ -29,6 +29,8 @@ if "google.colab" in sys.modules:
 # %% [markdown]
 # # Chapter 1: Forward diffusion in 1D
 #
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/01_forward_diffusion.ipynb)
+#
 # A diffusion model learns to undo a process that slowly destroys data by adding Gaussian noise. Before we learn
 # anything, we study that destruction on data we understand completely: a 1D mixture of two Gaussians, whose
 # density we can write down at every step.

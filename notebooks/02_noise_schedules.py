@@ -29,6 +29,8 @@ if "google.colab" in sys.modules:
 # %% [markdown]
 # # Chapter 2: Noise schedules
 #
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/02_noise_schedules.ipynb)
+#
 # Chapter 1 noised data with one fixed sequence $\beta_0, \dots, \beta_{T-1}$. That sequence, the *noise
 # schedule*, decides how fast the signal is destroyed, and so which noise levels the model trains on and the
 # sampler walks through. This chapter compares the four schedules of the course on real digits.

@@ -29,6 +29,8 @@ if "google.colab" in sys.modules:
 # %% [markdown]
 # # Chapter 3: DDPM, the maths and a first trained denoiser
 #
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/03_ddpm.ipynb)
+#
 # Chapters 1 and 2 built the forward process $q(x_t \mid x_0)$ that turns data into noise. This chapter runs it
 # backwards. We derive what the reverse step should be, turn the evidence lower bound (ELBO) into the one-line loss
 # that everyone trains with, and then train a small MLP on 1D and 2D data whose exact density we know, so that we

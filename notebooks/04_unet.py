@@ -30,6 +30,8 @@ if "google.colab" in sys.modules:
 # %% [markdown]
 # # Chapter 4: A UNet from scratch
 #
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/04_unet.ipynb)
+#
 # Chapter 3 trained an MLP on points. Images need a network that sees neighbourhoods at several scales: a UNet.
 # This chapter builds the course's UNet (`course_lib.nets.unet`) block by block, checks every piece, compares it
 # with diffusers' `UNet2DModel`, trains a small one live on digits, and then samples from the model the course
@@ -274,7 +276,7 @@ plt.show()
 #
 # ## 7. The shipped model
 #
-# The card says how far its training run has got: the weights may be an interim export of a run still training.
+# Its card says how it was trained: the command, the machine, the time, and whether the run had finished.
 
 # %%
 model = load_weights(UNet(**unet_config).to(device), "unet_mnist_eps").eval()
@@ -306,7 +308,7 @@ print(f"an error in eps_hat is multiplied by {amplification:.1e} in x0_hat")
 start = time.perf_counter()
 samples = draw(model, profile.grid_images, seed=2)
 print(f"{profile.grid_images} digits x {profile.sample_steps} DDIM steps in {time.perf_counter() - start:.1f} s")
-show_images(samples, nrow=8, title="The shipped UNet (current export), DDIM")
+show_images(samples, nrow=8, title="The shipped UNet, DDIM")
 plt.show()
 
 # %% [markdown]
@@ -326,7 +328,7 @@ show_strip([x0_hat for _, _, x0_hat in path] + [x0.cpu()], labels, title="x0_hat
 plt.show()
 
 # %% [markdown]
-# ### Scores, for the current (interim) export
+# ### Scores
 #
 # Two numbers from the shipped digit classifier: the fraction of samples it reads with confidence at least 0.9,
 # and the FID of its features between samples and held-out digits, beside the floor that two real sets of the same
@@ -339,7 +341,7 @@ scored = torch.cat(
 )
 classifier = load_digit_classifier(device)
 scores = sample_scores(classifier, scored)
-print(f"current export ({training['status']}), {scores['n']} samples, {profile.sample_steps} DDIM steps:")
+print(f"shipped model ({training['status']}), {scores['n']} samples, {profile.sample_steps} DDIM steps:")
 real_confident = confident_fraction(classifier, digits[: scores["n"]])
 print(f"  confident fraction: {scores['confident_fraction']:.2f} (as many training digits: {real_confident:.2f})")
 print(f"  FID: {scores['fid']:.2f} (real-vs-real floor at n = {scores['n']}: {scores['fid_floor']:.2f})")
