@@ -12,6 +12,7 @@ Figures:
                  confident fraction of 500 samples each, from the same noise (also data/benchmarks/samplers.json,
                  which chapter 5 plots)
     shipped      the shipped digit model's targets: 1,000 DDIM-50 samples, FID beside the floor, confident fraction
+    latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 1,000 DDIM-50 each
 """
 
 import argparse
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from course_lib.benchmark import (
+    IMAGE_SHAPE,
     DiffusersUNet,
     draw_samples,
     gflops_per_image,
@@ -33,7 +35,7 @@ from course_lib.benchmark import (
 )
 from course_lib.data import load_digits
 from course_lib.forward import q_sample
-from course_lib.metrics import load_digit_classifier, sample_scores
+from course_lib.metrics import confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.unet import UNet
 from course_lib.profiles import describe_machine
 from course_lib.schedules import make_schedule
@@ -123,21 +125,22 @@ SAMPLER_RUNS = [
     ("Euler (Karras)", 50),
     ("DDPM", 1000),  # last: it costs as much as all the others together
 ]
-SAMPLER_SAMPLES = 500
+SAMPLER_SAMPLES = 500  # per sampler; `--samples` changes it
 
 
 def model_status() -> str:
     return f"`{NAME}` ({load_card(NAME)['training']['status']})"
 
 
-def samplers() -> list[str]:
+def samplers(n: int = SAMPLER_SAMPLES) -> list[str]:
     model = load_model(NAME)
     schedule = make_schedule(**SCHEDULE)
     classifier = load_digit_classifier()
     results = {"model": NAME, "model_status": model_status(), "machine": describe_machine(), "date": str(date.today())}
-    results.update({"command": "python scripts/bench.py samplers", "n": SAMPLER_SAMPLES, "runs": []})
+    command = f"python scripts/bench.py samplers --samples {n} --threads {torch.get_num_threads()}"
+    results.update({"command": command, "threads": torch.get_num_threads(), "n": n, "runs": []})
     for sampler, steps in SAMPLER_RUNS:
-        samples, seconds = draw_samples(model, schedule, sampler, steps, SAMPLER_SAMPLES)
+        samples, seconds = draw_samples(model, schedule, sampler, steps, n)
         scores = sample_scores(classifier, samples)
         results["runs"].append({"sampler": sampler, "steps": steps, "seconds": seconds, **scores})
         save_results("samplers", results)  # after every run, so that a stopped run keeps what it measured
@@ -152,8 +155,8 @@ def samplers() -> list[str]:
     dpm20 = runs["DPM-Solver++(2M)", 20]
     floor = results["runs"][0]
     return [
-        f"Model {model_status()}; {SAMPLER_SAMPLES} samples per sampler from the same noise, x0_hat clipped to "
-        f"[-1, 1]; FID and KID against {SAMPLER_SAMPLES} held-out digits; real-vs-real floor at that n: FID "
+        f"Model {model_status()}; {n} samples per sampler from the same noise, x0_hat clipped to "
+        f"[-1, 1]; FID and KID against {n} held-out digits; real-vs-real floor at that n: FID "
         f"{floor['fid_floor']:.2f}, KID x 1000 {floor['kid_floor'] * 1000:.2f}. Also written to "
         "`data/benchmarks/samplers.json` (chapter 5 plots it).",
         "",
@@ -171,7 +174,9 @@ def samplers() -> list[str]:
 def shipped(n: int = 1000) -> list[str]:
     model = load_model(NAME)
     samples, seconds = draw_samples(model, make_schedule(**SCHEDULE), "DDIM", 50, n)
-    scores = sample_scores(load_digit_classifier(), samples)
+    classifier = load_digit_classifier()
+    scores = sample_scores(classifier, samples)
+    real_confident = confident_fraction(classifier, load_digits("heldout")[0][:n])
     return [
         f"Model {model_status()}: {n} DDIM-50 samples ({seconds / 60:.1f} min) against {n} held-out digits.",
         "",
@@ -180,24 +185,86 @@ def shipped(n: int = 1000) -> list[str]:
         f"| {scores['fid']:.2f} | {scores['fid_floor']:.2f} | **{scores['fid'] / scores['fid_floor']:.2f}** | "
         f"{scores['kid'] * 1000:.2f} | {scores['kid_floor'] * 1000:.2f} | **{scores['confident_fraction']:.3f}** |",
         "",
-        "Targets: FID <= 3x the floor, confident fraction >= 0.9.",
+        f"Targets: FID <= 3x the floor, confident fraction >= 0.9 ({n} held-out real digits: {real_confident:.3f}).",
     ]
 
 
-FIGURES = {"unet_speed": unet_speed, "unet_loss": unet_loss, "samplers": samplers, "shipped": shipped}
+def latent(n: int = 1000, steps: int = 50) -> list[str]:
+    """Pixel against latent diffusion, the same recipe and sampler: per-call cost, time per image, FID."""
+    classifier = load_digit_classifier()
+    vae, latent_card = load_model("vae_mnist"), load_card("latent_mnist_eps")
+    scale = latent_card["latents"]["scaling_factor"]
+    models = {
+        "pixel": (load_model(NAME), IMAGE_SHAPE, None),
+        "latent": (load_model("latent_mnist_eps"), (4, 7, 7), None),
+    }
+    models["latent"] = (*models["latent"][:2], lambda z0: vae.decode(z0 / scale))
+    rows, measured = [], {}
+    for name, (model, shape, decoder) in models.items():
+        x, t = torch.randn(50, *shape), torch.full((50,), 500)
+        with torch.no_grad():
+            model(x, t)
+            began = time.perf_counter()
+            for _ in range(5):
+                model(x, t)
+        call_ms = (time.perf_counter() - began) / 5 * 1000
+        schedule = make_schedule(**load_card(NAME if name == "pixel" else "latent_mnist_eps")["schedule"])
+        samples, seconds = draw_samples(model, schedule, "DDIM", steps, n, decoder=decoder, shape=shape)
+        scores = sample_scores(classifier, samples)
+        measured[name] = (call_ms, seconds, scores)
+        rows.append(
+            f"| {name} | {shape} | {parameter_count(model) / 1e6:.2f} M | {call_ms:.0f} | {1000 * seconds / n:.1f} | "
+            f"{scores['fid']:.2f} | {scores['confident_fraction']:.3f} |"
+        )
+    (pixel_call, pixel_s, pixel), (latent_call, latent_s, latent_scores) = measured["pixel"], measured["latent"]
+    return [
+        f"Models `{NAME}` and `latent_mnist_eps` ({latent_card['training']['status']}, decoder `vae_mnist`), trained "
+        f"with the same recipe; {n} DDIM-{steps} samples each from the same seed, the latent time including the "
+        f"decoder; FID against {n} held-out digits, real-vs-real floor {pixel['fid_floor']:.2f}.",
+        "",
+        "| model | diffuses | parameters | ms / call (batch 50) | ms / image | FID | confident (>= 0.9) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- per network call: latent **{pixel_call / latent_call:.1f}x** cheaper; per image end to end: "
+        f"**{pixel_s / latent_s:.1f}x** faster (target >= 3x).",
+        f"- FID latent / pixel: **{latent_scores['fid'] / pixel['fid']:.2f}** (target <= 1.5).",
+    ]
+
+
+FIGURES = {
+    "unet_speed": unet_speed,
+    "unet_loss": unet_loss,
+    "samplers": samplers,
+    "shipped": shipped,
+    "latent": latent,
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figures", nargs="*", help=f"figures to measure, of {', '.join(FIGURES)} (default: all)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler (samplers only)")
     args = parser.parse_args()
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0; got {args.threads}")
+    if not 2 <= args.samples <= 1000:
+        parser.error(f"--samples must lie in 2..1000 (the held-out digits); got {args.samples}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     unknown = [name for name in args.figures if name not in FIGURES]
     if unknown:
         parser.error(f"unknown figure {unknown[0]!r}; valid: {', '.join(FIGURES)}")
     for name in args.figures or FIGURES:
         start = time.perf_counter()
-        lines = FIGURES[name]()
-        header = f"Measured {date.today()} with `python scripts/bench.py {name}` on {describe_machine()}."
+        lines = samplers(args.samples) if name == "samplers" else FIGURES[name]()
+        options = f" --threads {args.threads}" if args.threads else ""
+        options += f" --samples {args.samples}" if name == "samplers" else ""
+        header = (
+            f"Measured {date.today()} with `python scripts/bench.py {name}{options}` on {describe_machine()}, "
+            f"{torch.get_num_threads()} torch thread(s)."
+        )
         replace_section(REPORT, f"bench:{name}", [f"### {name}", "", header, "", *lines])
         print(f"{name}: written to {REPORT.name} ({time.perf_counter() - start:.0f} s)", flush=True)
 

@@ -91,6 +91,17 @@ def test_draw_samples_in_batches_equals_one_batch():
     assert seconds > 0 and one.abs().max() <= 1
 
 
+def test_latent_samples_are_not_clipped_and_go_through_the_decoder():
+    """A latent model samples (4, 7, 7) without clipping x0_hat; the decoder's output is what gets returned."""
+    zero_eps = lambda xt, t: torch.zeros_like(xt)  # noqa: E731  (x0_hat = x_T / sqrt(alpha_bar_T): huge)
+    decoder = lambda z0: z0[:, :1].repeat_interleave(4, 2).repeat_interleave(4, 3)  # noqa: E731  (1, 28, 28)
+    samples, _ = draw_samples(zero_eps, SCHEDULE, "DDIM", 5, n=3, seed=4, decoder=decoder, shape=(4, 7, 7))
+    x_T = torch.randn(3, 4, 7, 7, generator=torch.Generator().manual_seed(4))
+    z0 = ddim_sample(zero_eps, SCHEDULE, x_T, 5, clip_x0=False)[0]
+    assert z0.abs().max() > 1  # unclipped
+    assert samples.shape == (3, 1, 28, 28) and torch.equal(samples, decoder(z0).clamp(-1, 1))
+
+
 def test_results_round_trip_and_missing_results_say_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_DATA_DIR", str(tmp_path))
     save_results("example", {"n": 3, "runs": [{"fid": 1.5}]})
