@@ -39,6 +39,7 @@ class Profile:
     sampler_samples: int  # digits per sampler when samplers are compared live (chapter 5; 2..1000)
     step_counts: tuple[int, ...]  # numbers of sampling steps swept (chapter 5), each in 1..T
     inversion_images: int  # real digits inverted to noise and back (chapter 5)
+    vae_digits: int  # held-out digits sent through the VAE and back (chapter 6; 200..1000)
     lora_train_steps: int  # steps of the LoRA fine-tune trained live (chapter 8)
     style_samples: int  # digits sampled to measure a style (chapter 8)
 
@@ -59,6 +60,7 @@ PROFILES = {
         sampler_samples=16,
         step_counts=(2, 5),
         inversion_images=2,
+        vae_digits=200,
         lora_train_steps=2,
         style_samples=8,
     ),
@@ -77,6 +79,7 @@ PROFILES = {
         sampler_samples=200,
         step_counts=(5, 10, 20, 50, 100),
         inversion_images=8,
+        vae_digits=1000,
         lora_train_steps=150,
         style_samples=128,
     ),
@@ -95,6 +98,7 @@ PROFILES = {
         sampler_samples=1000,
         step_counts=(5, 10, 20, 50, 100, 200),
         inversion_images=32,
+        vae_digits=1000,
         lora_train_steps=600,
         style_samples=500,
     ),

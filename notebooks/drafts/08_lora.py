@@ -17,6 +17,8 @@
 #
 # # Chapter 8: LoRA, fine-tuning with a few thousand parameters
 #
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/08_lora.ipynb)
+#
 # Chapter 4's digit model took hours of CPU. To teach it a new style (bold strokes, a slant) we could fine-tune all
 # 1.9M parameters, and ship another 3.8 MB. LoRA (Hu et al. 2021) freezes the model and learns a low-rank update
 # beside some of its layers: about 2% of the parameters, a file of about 2% of the model's, and the style can be
@@ -209,3 +211,78 @@ with torch.no_grad():
         "peft and course_lib agree:",
         bool(torch.allclose(peft_model(xt, t.to(device)), ours(xt, t.to(device)), atol=1e-5)),
     )
+
+# %% [markdown]
+# ## Recap
+#
+# - LoRA freezes a layer $W$ and learns $\frac{\alpha}{r} B A$ beside it; $B = 0$ at the start, so the model starts
+#   as it was. For a convolution, $A$ is a convolution to $r$ channels with the layer's kernel and $B$ a 1 x 1 back.
+# - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves most of
+#   the way a full fine-tune moves it (section 5, measured).
+# - The user scale dials the style continuously; adapters add up; merging folds $W + s\frac{\alpha}{r} B A$ into
+#   the weights, changing no output, and unmerging takes it out again.
+# - peft does the same with the same names; our adapters load into a peft model and give the same outputs.
+#
+# ## Exercises
+#
+# **Exercise 1.** How many parameters does a rank-$r$ adapter add to `nn.Conv2d(c_in, c_out, k)`? Write
+# `conv_lora_parameters(c_in, c_out, k, r)` and check it against a `LoRALayer` around the shipped model's first
+# `conv2`.
+
+
+# %%
+# reference solution: replace with your own
+def conv_lora_parameters(c_in: int, c_out: int, k: int, r: int) -> int:
+    return r * c_in * k * k + c_out * r  # A: c_in -> r with the k x k kernel; B: r -> c_out, 1 x 1
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+conv = next(m for name, m in load_model("unet_mnist_eps").named_modules() if name.endswith("conv2"))
+wrapped_conv = LoRALayer(copy.deepcopy(conv))
+wrapped_conv.add_adapter("default", rank=4, alpha=4.0)
+counted = sum(p.numel() for p in [*wrapped_conv.lora_A.parameters(), *wrapped_conv.lora_B.parameters()])
+expected = conv_lora_parameters(conv.in_channels, conv.out_channels, conv.kernel_size[0], 4)
+assert counted == expected, f"{expected} by the formula, {counted} in the layer"
+print("exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** Merging replaces $W$ by $W + s\,\frac{\alpha}{r} B A$. Compute the merged weight of the Linear
+# layer of section 1 by hand, at scale $s = 0.5$, and compare it with what `LoRALayer.merge` writes into
+# `base_layer.weight`.
+
+
+# %%
+# reference solution: replace with your own
+def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, r: int, s: float) -> torch.Tensor:
+    return W + s * (alpha / r) * B @ A
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+by_hand = merged_weight(base.weight, A, B, alpha=4.0, r=4, s=0.5)
+layer.scale["default"] = 0.5
+with torch.no_grad():
+    layer.merge()
+assert torch.allclose(layer.base_layer.weight, by_hand, atol=1e-6), "not the merged weight"
+layer.unmerge()
+print("exercise 2: correct")
+
+# %% [markdown]
+# **Exercise 3.** For one LoRA layer the output is affine in the scale $s$. Show it: the output at $s = 0.5$ is the
+# mean of the outputs at $s = 0$ and $s = 1$. (For the whole UNet it is not: the layers are chained through
+# non-linearities. Section 4's curve is nevertheless smooth.)
+
+
+# %%
+# reference solution: replace with your own
+def output_at(scale: float) -> torch.Tensor:
+    layer.scale["default"] = scale
+    with torch.no_grad():
+        return layer(x)
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+assert torch.allclose(output_at(0.5), (output_at(0.0) + output_at(1.0)) / 2, atol=1e-5), "not affine in s"
+print("exercise 3: correct")
