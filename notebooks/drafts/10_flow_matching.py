@@ -1,0 +1,279 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %%
+# Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    repo = "https://github.com/diffusion-course/diffusion-course"
+    if not os.path.isdir("diffusion-course"):
+        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
+    os.chdir("diffusion-course/notebooks")
+    sys.path.insert(0, os.path.abspath(".."))
+
+
+# %% [markdown]
+# DRAFT (not yet a chapter: sections 4-5 need data/unet_mnist_flow.* from
+# `python scripts/train_unet.py --recipe unet_mnist_flow`, then --export). Move to notebooks/10_flow_matching.py, run.
+#
+# # Chapter 10: Flow matching and rectified flow
+#
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/10_flow_matching.ipynb)
+#
+# Chapter 5 found that deterministic DDIM solves an ODE, and that its path from noise to data bends, so few steps
+# miss it. Flow matching (Lipman et al. 2023; Liu et al. 2023, "rectified flow") starts from the other end: choose
+# the simplest path from data to noise, a straight line, and train the network on its velocity. Stable Diffusion 3
+# and Flux are trained this way (Esser et al. 2024). This chapter derives the loss, trains a flow on 2D data live,
+# straightens it with one round of reflow, and samples digits with Euler and Heun against DDIM on the same number
+# of network calls.
+#
+# By the end of this chapter you can:
+#
+# 1. write the straight path $x_t = (1 - t)\,x_0 + t\,\epsilon$, its velocity and the flow-matching loss, and check
+#    them against diffusers' `FlowMatchEulerDiscreteScheduler`;
+# 2. sample a flow with Euler and Heun and count their network calls;
+# 3. measure how straight a learned flow is, and make it straighter with reflow;
+# 4. compare flow matching and DDPM-trained models by quality against network calls.
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from course_lib.flow import (
+    euler_sample,
+    flow_loss,
+    heun_sample,
+    interpolate,
+    path_from_trajectory,
+    reflow_pairs,
+    straightness,
+    time_grid,
+)
+from course_lib.metrics import sliced_wasserstein
+from course_lib.nets.mlp import MLPDenoiser
+from course_lib.plotting import plot_losses
+from course_lib.profiles import get_device, get_profile
+from course_lib.toy import moons
+from course_lib.train import TrainConfig, train
+
+profile = get_profile()
+device = get_device()
+torch.set_num_threads(1)
+plt.rcParams["figure.dpi"] = 80
+print(f"profile: {profile.name} | device: {device} | toy training steps: {profile.toy_train_steps}")
+
+# %% [markdown]
+# ## 1. A straight path and its velocity
+#
+# Put the data at $t = 0$ and the noise at $t = 1$ (the convention of SD3 and of diffusers' flow schedulers) and
+# join them by a straight line:
+#
+# $$x_t = (1 - t)\,x_0 + t\,\epsilon,\qquad \frac{dx_t}{dt} = \epsilon - x_0 = v.$$
+#
+# Each pair $(x_0, \epsilon)$ moves at constant speed. The network sees only $x_t$ and $t$, so the best it can do
+# in squared error is the average velocity of all pairs passing through $x_t$ at time $t$,
+# $v(x, t) = \mathbb E[\epsilon - x_0 \mid x_t = x]$; and the ODE $dx/dt = v(x, t)$ run from noise at $t = 1$ to
+# $t = 0$ carries the noise distribution to the data distribution (Lipman et al. 2023, theorem 1). The loss:
+#
+# $$L = \mathbb E_{t \sim \mathcal U(0, 1),\, x_0,\, \epsilon}\, \lVert v_\theta(x_t, t) - (\epsilon - x_0) \rVert^2.$$
+#
+# Written out for one batch, against `course_lib.flow.flow_loss` with the same random draws (first t, then
+# noise, as the library draws them) and a stand-in network:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+x0 = moons(256, torch.Generator().manual_seed(0))  # (256, 2)
+net = MLPDenoiser(data_dim=2, hidden=32, depth=1)
+generator = torch.Generator().manual_seed(1)
+t = torch.rand(256, generator=generator)
+eps = torch.randn(x0.shape, generator=generator)
+xt = (1 - t[:, None]) * x0 + t[:, None] * eps
+by_hand = (net(xt, t * 1000) - (eps - x0)).pow(2).mean()  # the network's time input is t * 1000
+library = flow_loss(net, x0, torch.Generator().manual_seed(1))
+print("flow_loss equals the loss by hand:", bool(torch.allclose(by_hand, library)))
+scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+index = torch.randint(0, 1000, (256,), generator=generator)  # diffusers noises at the times of its own table
+theirs = scheduler.scale_noise(x0, scheduler.timesteps[index], eps)
+ours = interpolate(x0, eps, scheduler.sigmas[index])  # its sigma is our t
+print("interpolate equals diffusers' scale_noise:", bool(torch.allclose(ours, theirs, atol=1e-6)))
+
+# %% [markdown]
+# ## 2. A flow on two moons, live
+#
+# The same loop as every chapter (`course_lib.train.train`), with `objective="flow"`: a small MLP learns the
+# velocity of the straight paths between the moons and Gaussian noise. Its time input is $t \cdot 1000$, so the
+# networks of the earlier chapters work unchanged.
+
+# %%
+data = moons(profile.toy_samples, torch.Generator().manual_seed(2))
+config = TrainConfig(
+    steps=profile.toy_train_steps,
+    batch_size=profile.toy_batch_size,
+    lr=2e-3,
+    warmup=100,
+    ema_decay=None,
+    grad_clip=None,
+    objective="flow",
+)
+flow = MLPDenoiser(data_dim=2, hidden=128, depth=3)
+start = time.perf_counter()
+state, _ = train(flow, None, data.to(device), config, progress=False)
+print(f"{config.steps} steps in {time.perf_counter() - start:.0f} s")
+plot_losses(state.losses, window=max(1, config.steps // 20)).set_title("flow-matching loss")
+plt.show()
+
+# %% [markdown]
+# Euler's method on the ODE takes one network call per step, $x_{t - h} = x_t - h\,v_\theta(x_t, t)$; Heun's adds
+# a corrector, two calls per step (the last step, into $t = 0$, is plain Euler, as in Karras et al. 2022 and
+# diffusers' Heun scheduler). Samples against a fresh draw of the data, by sliced Wasserstein distance (chapter 3):
+
+# %%
+reference = moons(profile.toy_model_samples, torch.Generator().manual_seed(3))
+noise = torch.randn(profile.toy_model_samples, 2, generator=torch.Generator().manual_seed(4))
+
+
+def distance(samples: torch.Tensor) -> float:
+    return sliced_wasserstein(samples.cpu(), reference, generator=torch.Generator().manual_seed(0))
+
+
+floor = sliced_wasserstein(
+    moons(profile.toy_model_samples, torch.Generator().manual_seed(5)),
+    reference,
+    generator=torch.Generator().manual_seed(0),
+)
+print(f"floor (two draws of the data): {floor:.3f}")
+with torch.no_grad():
+    for steps in (1, 2, 4, 8, 32):
+        euler, _ = euler_sample(flow, noise.to(device), steps)
+        heun, _ = heun_sample(flow, noise.to(device), steps)
+        print(
+            f"{steps:3d} steps: Euler ({steps} calls) {distance(euler):.3f}, Heun ({2 * steps - 1} calls) "
+            f"{distance(heun):.3f}"
+        )
+
+# %% [markdown]
+# ## 3. How straight is the learned flow? Reflow
+#
+# The training paths are straight, but they cross: many pairs pass through the same $x_t$, and the network learns
+# their average, so the ODE's paths bend. Liu et al. measure it by the straightness
+# $S = \int_0^1 \lVert (x_1 - x_0) - \dot x_t \rVert^2\,dt$, zero for a straight path at constant speed
+# (`course_lib.flow.straightness`). **Reflow** trains a new flow on the pairs (noise, its ODE sample) of the old one:
+# these pairs no longer cross, so the new flow's paths are straighter, and a step or two gets close.
+
+# %%
+with torch.no_grad():
+    sample, trajectory = euler_sample(flow, noise[:500].to(device), 64, record_every=1)
+times, path = path_from_trajectory(trajectory, sample)
+print(f"straightness of the flow's ODE paths (64 Euler steps): {straightness(times, path).mean():.4f}")
+
+# %%
+with torch.no_grad():
+    pair_noise, pair_samples = reflow_pairs(
+        flow, torch.randn(profile.toy_samples, 2, generator=torch.Generator().manual_seed(6)).to(device), 32
+    )
+pairs = torch.stack([pair_noise, pair_samples], dim=1)  # (N, 2, 2): noise at [:, 0], its sample at [:, 1]
+reflowed = MLPDenoiser(data_dim=2, hidden=128, depth=3)
+reflowed.load_state_dict(flow.state_dict())  # start from the flow, as Liu et al. do
+start = time.perf_counter()
+train(reflowed, None, pairs, TrainConfig(**{**config.__dict__, "objective": "reflow"}), progress=False)
+print(f"reflow: {config.steps} steps in {time.perf_counter() - start:.0f} s")
+with torch.no_grad():
+    sample, trajectory = euler_sample(reflowed, noise[:500].to(device), 64, record_every=1)
+times, path = path_from_trajectory(trajectory, sample)
+print(f"straightness after one reflow: {straightness(times, path).mean():.4f}")
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+for ax, (name, model) in zip(axes, (("flow", flow), ("after reflow", reflowed)), strict=True):
+    with torch.no_grad():
+        sample, trajectory = euler_sample(model, noise[:60].to(device), 32, record_every=1)
+    _, path = path_from_trajectory(trajectory, sample)  # (33, 60, 2)
+    ax.scatter(*reference[:2000].T, s=1, color="lightgrey")
+    for i in range(60):
+        ax.plot(*path[:, i].T, linewidth=0.6)
+    with torch.no_grad():
+        one_step = distance(euler_sample(model, noise.to(device), 1)[0])
+    ax.set_title(f"{name}: paths from noise; 1 Euler step: distance {one_step:.3f}", fontsize=9)
+    ax.set_aspect("equal")
+plt.show()
+
+# %% [markdown]
+# ## 4. Digits
+#
+# `scripts/train_unet.py --recipe unet_mnist_flow` trains chapter 4's UNet with the flow objective, starting from
+# the shipped eps model (whose features carry over; the output layer learns to mean a velocity). Against the eps
+# model under DDIM, on the same numbers of network calls:
+#
+# (to be written once data/unet_mnist_flow ships: the table of FID and confident fraction against calls for DDIM
+# on unet_mnist_eps, Euler and Heun on unet_mnist_flow, from `profile.sampler_samples` digits each, plus
+# `python scripts/bench.py flow` for the full figure.)
+
+# %% [markdown]
+# ## Recap
+#
+# - Flow matching trains the network on the velocity $\epsilon - x_0$ of straight paths
+#   $x_t = (1 - t)\,x_0 + t\,\epsilon$; the learned velocity field is the average over crossing paths, so its ODE
+#   paths bend where the data is multimodal.
+# - Euler takes one network call per step, Heun two; both follow the ODE from noise at $t = 1$ to data at $t = 0$.
+# - Reflow retrains on the flow's own (noise, sample) pairs, which do not cross: the paths straighten (measured by
+#   the straightness $S$) and a single Euler step gets much closer.
+#
+# ## Exercises
+#
+# **Exercise 1.** For data that is a single point $x^*$, every path ends there and the optimal velocity is known:
+# from $x_t = (1 - t)x^* + t\epsilon$, $v(x_t, t) = (x_t - x^*)/t$. Write it as `point_velocity` and check that
+# one Euler step from any noise lands exactly on $x^*$.
+
+# %%
+# reference solution: replace with your own
+x_star = torch.tensor([[0.5, -1.0]])
+
+
+def point_velocity(xt: torch.Tensor, time_input: torch.Tensor) -> torch.Tensor:
+    t = time_input[:, None] / 1000  # the model's time input is t * 1000
+    return (xt - x_star) / t
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+landed, _ = euler_sample(point_velocity, torch.randn(8, 2, generator=torch.Generator().manual_seed(7)), 1)
+assert torch.allclose(landed, x_star.expand(8, 2), atol=1e-5), landed
+print("exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** The course's uniform grid and diffusers' grid: with `time_grid(steps, spacing="diffusers")`,
+# check that the times are diffusers' sigmas for 10 steps, with and without SD3's shift of 3.
+
+
+# %%
+# reference solution: replace with your own
+def diffusers_sigmas(steps: int, shift: float) -> torch.Tensor:
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(steps)
+    return scheduler.sigmas.double()
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+for shift in (1.0, 3.0):
+    ours = time_grid(10, shift, spacing="diffusers")
+    assert torch.allclose(ours, diffusers_sigmas(10, shift), rtol=1e-6), (shift, ours)
+print("exercise 2: correct")
