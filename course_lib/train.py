@@ -9,6 +9,12 @@ exponential moving average of the weights with warm-up (the EMA weights are the 
 A run can be given a wall-clock budget and a checkpoint file: it stops when the budget is spent, saves
 everything needed to continue (model, EMA, optimiser, step, random state, loss history), and the next call with
 the same checkpoint continues exactly where it stopped.
+
+On several processes (`accelerate launch`, see scripts/train_unet.py), `train` takes an `accelerator`, any object
+with the methods of `accelerate.Accelerator` it uses (this module does not import accelerate): the accelerator
+wraps the model for DDP and mixed precision, each process draws its own minibatches of config.batch_size (the
+effective batch is batch_size x processes), the processes agree at every step on the mean loss, on when to
+checkpoint and on when to stop (the main process decides), and only the main process writes the checkpoint.
 """
 
 import copy
@@ -100,6 +106,7 @@ def train(
     checkpoint: str | Path | None = None,
     progress: bool = True,
     condition: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    accelerator=None,
 ) -> tuple[TrainState, EMA | None]:
     """Train `model` in place on random minibatches of `data` (N, ...); returns (state, ema).
 
@@ -110,20 +117,37 @@ def train(
     Stops after config.steps in all, or after budget_s seconds of this call. With `checkpoint`, resumes from the
     file if it exists and saves to it every config.checkpoint_every_s seconds and at the end.
     The device comes from the model's parameters.
+
+    With `accelerator` (an `accelerate.Accelerator`, or anything with its methods), the model is moved to
+    accelerator.device and the model and optimiser are prepared by it (DDP, mixed precision); process k draws
+    from a generator seeded with config.seed + k, the EMA averages the unwrapped model, and the checkpoint holds
+    every process's generator state, so that a resume on as many processes continues exactly (on more processes,
+    the new ones draw from a fresh seed). Every process must see the same checkpoint file.
     """
     if config.objective == "ddpm" and schedule is None:
         raise ValueError('the "ddpm" objective needs the schedule; only "flow" and "reflow" take schedule=None')
+    if accelerator is not None:
+        model.to(accelerator.device)  # the accelerator places the model (as its prepare would)
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(config.seed)
+    rank = accelerator.process_index if accelerator is not None else 0
+    generator = torch.Generator().manual_seed(config.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
     state = TrainState()
     if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, model, optimizer, ema, generator, config)
+        state = load_checkpoint(checkpoint, model, optimizer, ema, generator, config, rank)
+    # what the loop calls: the model and optimiser themselves, or the accelerator's wrappers around them
+    net, opt, backward, clip_grad_norm = model, optimizer, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
+    if accelerator is not None:
+        net, opt = accelerator.prepare(model, optimizer)
+        backward, clip_grad_norm = accelerator.backward, accelerator.clip_grad_norm_
+        steps = accelerator.gather(torch.tensor([state.step], device=device)).tolist()
+        if len(set(steps)) > 1:
+            raise ValueError(f"the processes start at different steps {steps}: they must all see {checkpoint}")
     lr_lambda = lambda step: warmup_cosine(step, config.steps, config.warmup)  # noqa: E731
     start, last_save = time.perf_counter(), time.perf_counter()
     model.train()
-    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, desc="training")
+    bar = tqdm(total=config.steps, initial=state.step, disable=not progress or rank > 0, desc="training")
     while state.step < config.steps:
         # 1. a random minibatch of clean data
         index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
@@ -131,41 +155,56 @@ def train(
         cond = condition(index, generator).to(device) if condition is not None else None
         # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
         if config.objective == "ddpm":
-            loss = simple_loss(model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
+            loss = simple_loss(net, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
         elif config.objective == "flow":
-            loss = flow_loss(model, x0, generator, cond)
+            loss = flow_loss(net, x0, generator, cond)
         else:
-            loss = reflow_loss(model, x0, generator, cond)
+            loss = reflow_loss(net, x0, generator, cond)
         # 3. one optimiser step at this step's learning rate, then the EMA
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_lambda(state.step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        opt.zero_grad(set_to_none=True)
+        backward(loss)
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
+            clip_grad_norm(model.parameters(), config.grad_clip)
+        opt.step()
         if ema is not None:
             ema.update(model)
         state.step += 1
-        state.losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        # 4. checkpoint and stop on time (several processes: as the main process says, so that all stop together)
         elapsed = time.perf_counter() - start
-        if checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s:
-            save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed)
+        loss_value = loss.item()
+        save = checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s
+        stop = budget_s is not None and elapsed > budget_s
+        if accelerator is not None:
+            loss_value, save, stop = agree(accelerator, loss_value, save, stop)
+        state.losses.append(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if save:
+            save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed, accelerator)
             last_save = time.perf_counter()
-        if budget_s is not None and elapsed > budget_s:
+        if stop:
             break
     bar.close()
     model.eval()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed, accelerator)
     state.seconds += time.perf_counter() - start
     return state, ema
 
 
-def save_checkpoint(path, model, optimizer, ema, generator, config, state, elapsed) -> None:
-    """Everything `train` needs to continue, written atomically (a crash never leaves half a file)."""
+def agree(accelerator, loss: float, save: bool, stop: bool) -> tuple[float, bool, bool]:
+    """The same on every process: the mean of the processes' losses, and the main process's save and stop."""
+    rows = accelerator.gather(torch.tensor([[loss, save, stop]], device=accelerator.device))  # (processes, 3)
+    return rows[:, 0].mean().item(), bool(rows[0, 1]), bool(rows[0, 2])
+
+
+def save_checkpoint(path, model, optimizer, ema, generator, config, state, elapsed, accelerator=None) -> None:
+    """Everything `train` needs to continue, written atomically (a crash never leaves half a file).
+
+    With an accelerator every process calls it (to hand over its generator state) and the main process writes."""
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -177,14 +216,22 @@ def save_checkpoint(path, model, optimizer, ema, generator, config, state, elaps
         "losses": torch.tensor(state.losses),
         "seconds": state.seconds + elapsed,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    if accelerator is not None:  # (processes, state size): process k's generator in row k
+        payload["generators"] = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
+    if accelerator is None or accelerator.is_main_process:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # the file is complete before any process goes on
 
 
-def load_checkpoint(path, model, optimizer, ema, generator, config) -> TrainState:
-    """Restore a checkpoint written by `save_checkpoint` (tensors only: loaded with weights_only=True)."""
+def load_checkpoint(path, model, optimizer, ema, generator, config, rank: int = 0) -> TrainState:
+    """Restore a checkpoint written by `save_checkpoint` (tensors only: loaded with weights_only=True).
+
+    Process `rank` takes its own generator state if the checkpoint holds one (a single-process checkpoint holds
+    that of rank 0); otherwise it draws from a fresh seed, config.seed + rank + 1,000,003 x the step."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     saved = {**asdict(TrainConfig()), **payload["config"]}  # fields added since the save count at their defaults
     if saved != asdict(config):
@@ -195,7 +242,11 @@ def load_checkpoint(path, model, optimizer, ema, generator, config) -> TrainStat
     if ema is not None:
         ema.model.load_state_dict(payload["ema"])
         ema.updates = payload["ema_updates"]
-    generator.set_state(payload["generator"])
+    generators = payload.get("generators", payload["generator"][None])
+    if rank < len(generators):
+        generator.set_state(generators[rank].clone())  # a copy: set_state crashes on a row view (torch 2.14)
+    else:
+        generator.manual_seed(config.seed + rank + 1_000_003 * payload["step"])
     return TrainState(step=payload["step"], losses=payload["losses"].tolist(), seconds=payload["seconds"])
 
 

@@ -21,7 +21,7 @@ once the finished model is exported.
 On several GPUs or machines, the same script under accelerate (pip install accelerate; README.md, "Training on
 several GPUs"):
 
-    accelerate launch --num_processes 4 scripts/train_unet.py --budget-minutes 60 --mixed-precision bf16
+    accelerate launch --multi_gpu --num_processes 4 scripts/train_unet.py --budget-minutes 60 --mixed-precision bf16
 
 Each process draws its own minibatches of the recipe's batch size (the effective batch is that times the number of
 processes), DDP keeps the weights equal, the main process alone writes the checkpoint, and all stop together.
