@@ -21,6 +21,8 @@ One concept per module, in the order the course teaches them:
     captions    captions from measured slant and stroke thickness; the tokenizer           chapter 7
     lora        low-rank adapters for Linear / Conv2d: inject, scale, merge, save          chapter 8
     styles      measurable styles (bold, slanted digits) for LoRA                          chapter 8
+    interop     to diffusers: our schedules as schedulers, our UNet as a diffusers model,  chapter 9
+                the pipelines' loop, a tiny Stable Diffusion built offline
     flow        flow matching on straight paths, t in [0, 1]: loss, Euler / Heun, reflow   chapter 10
     plotting    image grids, strips, loss curves
 
