@@ -5,7 +5,8 @@
 
 Each notebook is first synced from its jupytext .py pair, then run top to bottom in a fresh kernel of this Python,
 from the notebooks/ folder, with COURSE_PROFILE set. --store writes the executed notebook (outputs included) back;
---report rewrites this profile's table in the given markdown file (between marker comments).
+--report updates this profile's table in the given markdown file (between marker comments): the notebooks just
+run get new rows, the others keep theirs.
 """
 
 import argparse
@@ -38,13 +39,29 @@ def run(path: Path, profile: str, store: bool) -> float:
     return seconds
 
 
+def read_rows(report: Path, profile: str) -> dict[str, str]:
+    """The rows of this profile's table already in the report, by notebook: {name: the whole markdown row}."""
+    text = report.read_text() if report.exists() else ""
+    begin, end = f"<!-- notebooks:{profile}:begin -->", f"<!-- notebooks:{profile}:end -->"
+    if begin not in text or end not in text:
+        return {}
+    section = text[text.index(begin) : text.index(end)].splitlines()
+    rows = [line for line in section if line.startswith("| 0") or line.startswith("| 1")]
+    return {row.split("|")[1].strip(): row for row in rows if len(row.split("|")) >= 6}
+
+
 def write_report(report: Path, profile: str, rows: list[tuple[str, float]], command: str) -> None:
+    """Rewrite this profile's table: the rows just measured replace theirs, the other notebooks keep their own
+    (each row says when and how it was measured, so a table can be completed chapter by chapter)."""
+    table = read_rows(report, profile)
+    for name, seconds in rows:
+        table[name] = f"| {name} | {seconds:.0f} | {date.today()} | `{command}` |"
     lines = [
-        f"Profile `{profile}`, measured {date.today()} on {describe_machine()}, with `{command}`:",
+        f"Profile `{profile}`, on {describe_machine()}:",
         "",
-        "| notebook | wall time (s) |",
-        "|---|---:|",
-        *[f"| {name} | {seconds:.0f} |" for name, seconds in rows],
+        "| notebook | wall time (s) | measured | command |",
+        "|---|---:|---|---|",
+        *[table[name] for name in sorted(table)],
     ]
     replace_section(report, f"notebooks:{profile}", lines)
 
@@ -65,8 +82,6 @@ def main() -> None:
         rows.append((path.stem, seconds))
         print(f"{path.stem}: {seconds:.1f} s ({args.profile})", flush=True)
     if args.report:
-        if args.chapters:
-            sys.exit("--report rewrites the whole table: run it over every notebook (no chapter arguments)")
         write_report(args.report, args.profile, rows, "python " + " ".join(sys.argv))
 
 
