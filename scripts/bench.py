@@ -12,7 +12,7 @@ Figures:
                  confident fraction of 500 samples each, from the same noise (also data/benchmarks/samplers.json,
                  which chapter 5 plots)
     shipped      the shipped digit model's targets: 1,000 DDIM-50 samples, FID beside the floor, confident fraction
-    latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 1,000 DDIM-50 each
+    latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 500 DDIM-50 each
 """
 
 import argparse
@@ -189,7 +189,7 @@ def shipped(n: int = 1000) -> list[str]:
     ]
 
 
-def latent(n: int = 1000, steps: int = 50) -> list[str]:
+def latent(n: int = SAMPLER_SAMPLES, steps: int = 50) -> list[str]:
     """Pixel against latent diffusion, the same recipe and sampler: per-call cost, time per image, FID."""
     classifier = load_digit_classifier()
     vae, latent_card = load_model("vae_mnist"), load_card("latent_mnist_eps")
@@ -245,7 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figures", nargs="*", help=f"figures to measure, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler (samplers only)")
+    parser.add_argument(
+        "--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler or model (samplers, latent)"
+    )
     args = parser.parse_args()
     if args.threads < 0:
         parser.error(f"--threads must be >= 0; got {args.threads}")
@@ -258,9 +260,9 @@ def main() -> None:
         parser.error(f"unknown figure {unknown[0]!r}; valid: {', '.join(FIGURES)}")
     for name in args.figures or FIGURES:
         start = time.perf_counter()
-        lines = samplers(args.samples) if name == "samplers" else FIGURES[name]()
+        lines = FIGURES[name](args.samples) if name in ("samplers", "latent") else FIGURES[name]()
         options = f" --threads {args.threads}" if args.threads else ""
-        options += f" --samples {args.samples}" if name == "samplers" else ""
+        options += f" --samples {args.samples}" if name in ("samplers", "latent") else ""
         header = (
             f"Measured {date.today()} with `python scripts/bench.py {name}{options}` on {describe_machine()}, "
             f"{torch.get_num_threads()} torch thread(s)."
