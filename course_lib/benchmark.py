@@ -112,12 +112,14 @@ def run_sampler(
     x_T: torch.Tensor,
     steps: int,
     generator: torch.Generator | None = None,
-    clip_x0: bool = True,
+    clip_x0: bool | float = True,
 ) -> torch.Tensor:
-    """One sampler of the family from x_T with `steps` model calls per sample (x0_hat clipped to [-1, 1] unless
-    clip_x0=False, as latents need; see the module docstring). generator feeds DDPM's per-step noise; the other
-    samplers are deterministic."""
+    """One sampler of the family from x_T with `steps` model calls per sample (x0_hat clipped to [-1, 1]; see the
+    module docstring; DDIM also takes a range r, clipping to [-r, r], as scaled latents need). generator feeds
+    DDPM's per-step noise; the other samplers are deterministic."""
     check_choice("sampler", sampler, SAMPLERS)
+    if not isinstance(clip_x0, bool) and sampler != "DDIM":
+        raise ValueError(f"a clip range ({clip_x0!r}) is for DDIM only; {sampler} takes clip_x0=True or False")
     if sampler == "DDPM":
         if steps != schedule.T:
             raise ValueError(f"DDPM visits every timestep: steps must be T={schedule.T}; got steps={steps}")
@@ -141,11 +143,13 @@ def draw_samples(
     device: torch.device | str = "cpu",
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     shape: tuple[int, ...] = IMAGE_SHAPE,
+    clip_x0: bool | float = True,
 ) -> tuple[torch.Tensor, float]:
     """n digits from one sampler with `steps` model calls each, in batches, and the wall time in seconds.
 
-    A latent model samples x_T of `shape` (for example (4, 7, 7)) without clipping, and `decoder` (timed too) turns
-    its samples into digits: for latent diffusion, z0 -> vae.decode(z0 / scaling_factor).
+    A latent model samples x_T of `shape` (for example (4, 7, 7)) with its own clip range (`clip_x0`, see
+    `run_sampler`), and `decoder` (timed too) turns its samples into digits: for latent diffusion,
+    z0 -> vae.decode(z0 / scaling_factor).
 
     batch_size 50: on one CPU thread the shipped UNet's forward ran at about 125 digits/s in batches of 16-50 and
     90 in batches of 250 (activations that fit in the cache); a GPU would take larger batches.
@@ -165,7 +169,7 @@ def draw_samples(
         step_generator = torch.Generator().manual_seed(seed + 1 + start)
         synchronize(device)
         began = time.perf_counter()
-        x0 = run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0=decoder is None)
+        x0 = run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0)
         if decoder is not None:
             x0 = decoder(x0)
         synchronize(device)

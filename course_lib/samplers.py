@@ -41,6 +41,11 @@ def should_record(i: int, steps: int, record_every: int) -> bool:
     return record_every > 0 and (steps - 1 - i) % record_every == 0
 
 
+def check_clip(clip_x0: bool | float) -> None:
+    if not isinstance(clip_x0, bool) and not clip_x0 > 0:
+        raise ValueError(f"clip_x0 must be True / False or a positive range r (clamp to [-r, r]); got {clip_x0!r}")
+
+
 def check_record_every(record_every: int) -> None:
     if record_every < 0:
         raise ValueError(f"record_every must be >= 0; got {record_every}")
@@ -96,7 +101,7 @@ def ddim_step(
     noise: torch.Tensor | None = None,
     eta: float = 0.0,
     prediction_type: str = "eps",
-    clip_x0: bool = False,
+    clip_x0: bool | float = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One DDIM step $x_t \to x_{t_{next}}$ (Song et al. 2021, eq. 12, with $\bar\alpha$ for their $\alpha$):
 
@@ -113,7 +118,10 @@ def ddim_step(
     t_next = -1 steps to the clean data; t = -1 (the start of an inversion) takes x_t as x0_hat.
     noise (z) is needed when eta > 0. Returns (x_{t_next}, x0_hat). Equal to diffusers' `DDIMScheduler.step`
     with `clip_sample=clip_x0` and `variance_noise=noise` when t_next = t - T // steps (what diffusers steps to).
+    clip_x0=True clamps x0_hat to [-1, 1], the pixel range; a number r clamps it to [-r, r] (diffusers'
+    `clip_sample_range`), for data such as scaled latents that reach beyond 1.
     """
+    check_clip(clip_x0)
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: as much noise as DDPM); got eta={eta}")
     if eta > 0 and noise is None:
@@ -130,7 +138,7 @@ def ddim_step(
     else:
         x0_hat, eps_hat = split_prediction(schedule, xt, t, model_output, prediction_type)
     if clip_x0:
-        x0_hat = x0_hat.clamp(-1, 1)
+        x0_hat = x0_hat.clamp(-float(clip_x0), float(clip_x0))
     # 2. the standard deviation of the added noise (eq. 16), zero at eta = 0 (where it can be 0 / 0 when inverting)
     alpha_bar_t, alpha_bar_next = _alpha_bar(schedule, t, xt), _alpha_bar(schedule, t_next, xt)
     std = torch.zeros_like(alpha_bar_t)
@@ -156,7 +164,7 @@ def ddim_sample(
     generator: torch.Generator | None = None,
     prediction_type: str = "eps",
     spacing: str = "trailing",
-    clip_x0: bool = False,
+    clip_x0: bool | float = False,
     record_every: int = 0,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """Run `ddim_step` from x_T (pure noise) through `spaced_timesteps(T, steps, spacing)` down to a sample of x0.
