@@ -420,3 +420,17 @@ def test_bad_inputs_raise():
         slerp(x + 1, x - 1, 0.5)
     with pytest.raises(ValueError, match="non-zero"):
         slerp(x, x + 1, 0.5)
+
+
+def test_ddim_clip_range_clamps_x0_hat_to_plus_minus_r_and_rejects_a_bad_range():
+    """clip_x0=r clamps x0_hat to [-r, r] (diffusers' clip_sample_range); True is r = 1."""
+    schedule = make_schedule("cosine", 1000)
+    generator = torch.Generator().manual_seed(0)
+    xt, eps_hat = torch.randn(2, 4, 7, 7, generator=generator) * 3, torch.zeros(2, 4, 7, 7)
+    _, x0_hat = ddim_step(schedule, eps_hat, 999, 979, xt, clip_x0=4.5)
+    _, unclipped = ddim_step(schedule, eps_hat, 999, 979, xt)
+    assert torch.equal(x0_hat, unclipped.clamp(-4.5, 4.5)) and unclipped.abs().max() > 4.5
+    _, x0_one = ddim_step(schedule, eps_hat, 999, 979, xt, clip_x0=True)
+    assert torch.equal(x0_one, unclipped.clamp(-1, 1))
+    with pytest.raises(ValueError, match="-2"):
+        ddim_step(schedule, eps_hat, 999, 979, xt, clip_x0=-2)
