@@ -15,7 +15,9 @@ For class labels 0..K-1 the null condition is the label K (`nets.unet.UNet(num_c
 
 import torch
 
+from course_lib.benchmark import draw_samples
 from course_lib.ddpm import Denoiser
+from course_lib.schedules import Schedule
 
 
 def check_probability(name: str, p: float) -> None:
@@ -78,3 +80,31 @@ class Guided:
         both = self.model(torch.cat([xt, xt]), torch.cat([t, t]), torch.cat([null, cond]))  # (2B, ...)
         uncond_pred, cond_pred = both.chunk(2)
         return cfg_combine(uncond_pred, cond_pred, self.scale)
+
+
+def guided_samples(
+    model: Denoiser,
+    schedule: Schedule,
+    conditions: torch.Tensor,
+    null: torch.Tensor,
+    scale: float,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, float]:
+    """One guided DDIM sample per condition (labels (N,), or token rows (N, L)), `steps` calls each, in batches;
+    returns the samples (on the CPU, clamped to [-1, 1]) and the sampling time in seconds.
+
+    Batch b starts from `benchmark.draw_samples`' noise with seed `seed + b`, so two scales (or two prompts) with the
+    same seed start from the same x_T, and a guided sample differs from its unguided twin only by the guidance."""
+    if len(conditions) < 1 or batch_size < 1:
+        raise ValueError(f"need at least one condition and batch_size >= 1; got {len(conditions)}, {batch_size}")
+    samples, seconds = [], 0.0
+    for batch, start in enumerate(range(0, len(conditions), batch_size)):
+        chunk = conditions[start : start + batch_size].to(device)
+        guided = Guided(model, chunk, null.to(device), scale)
+        x0, spent = draw_samples(guided, schedule, "DDIM", steps, len(chunk), seed + batch, len(chunk), device)
+        samples.append(x0)
+        seconds += spent
+    return torch.cat(samples), seconds

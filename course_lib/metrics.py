@@ -6,7 +6,8 @@ distribution, at the same sample count.
 - Toy distributions (notebooks/03_ddpm.ipynb): 1D and sliced Wasserstein distances, mode proportions.
 - Digits (notebooks/04_unet.ipynb on): the shipped digit classifier (`course_lib.nets.classifier`, trained by
   scripts/train_classifier.py) judges samples. Its logits give the confident fraction, the class accuracy of a
-  class-conditional model and the class histogram; its penultimate features give FID (Heusel et al. 2017) and
+  class-conditional model and the class histogram; its penultimate features give the spread within classes
+  (diversity, for the guidance sweep of chapter 7), FID (Heusel et al. 2017) and
   KID (Binkowski et al. 2018), each beside the real-vs-real floor at the same n (`real_floor`, `sample_scores`).
 """
 
@@ -125,6 +126,24 @@ def class_histogram(classifier: DigitClassifier, images: torch.Tensor) -> torch.
     balanced real digits; a model that drops a digit shows a hole)."""
     probabilities = classifier_probabilities(classifier, images)
     return torch.bincount(probabilities.argmax(dim=1), minlength=probabilities.shape[1]).double() / len(images)
+
+
+def class_spread(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Diversity within classes: the root mean squared distance of each image's classifier features to the mean
+    feature of its class, averaged over the classes present. Guidance that collapses every seven onto one
+    prototype lowers it; compare with real digits' spread (their own labels) at the same n."""
+    labels = torch.as_tensor(labels).cpu()
+    if labels.shape != (len(images),):
+        raise ValueError(f"need one label per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
+    features = classifier_features(classifier, images).double()
+    spreads = []
+    for label in labels.unique():
+        members = features[labels == label]
+        if len(members) >= 2:
+            spreads.append((members - members.mean(0)).pow(2).sum(1).mean().sqrt())
+    if not spreads:
+        raise ValueError("need at least two images of some class to measure a spread")
+    return torch.stack(spreads).mean().item()
 
 
 def _check_features(features_a: torch.Tensor, features_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

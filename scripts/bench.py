@@ -13,6 +13,9 @@ Figures:
                  which chapter 5 plots)
     shipped      the shipped digit model's targets: 1,000 DDIM-50 samples, FID beside the floor, confident fraction
     latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 500 DDIM-50 each
+    guidance     the class-conditional model under classifier-free guidance, w = 0..8: conditional accuracy, FID,
+                 spread within classes, 500 DDIM-20 samples per w (also data/benchmarks/guidance.json, which
+                 chapter 7 plots)
 """
 
 import argparse
@@ -35,7 +38,8 @@ from course_lib.benchmark import (
 )
 from course_lib.data import load_digits
 from course_lib.forward import q_sample
-from course_lib.metrics import confident_fraction, load_digit_classifier, sample_scores
+from course_lib.guidance import guided_samples
+from course_lib.metrics import class_accuracy, class_spread, confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.unet import UNet
 from course_lib.profiles import describe_machine
 from course_lib.schedules import make_schedule
@@ -240,22 +244,64 @@ def latent(n: int = SAMPLER_SAMPLES, steps: int = 50) -> list[str]:
     ]
 
 
+GUIDANCE_SCALES = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0)
+
+
+def guidance(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
+    """Classifier-free guidance on the class-conditional model: per scale w, n samples (n / 10 of each digit, the
+    same noise for every w), DDIM with chapter 7's cpu step count."""
+    name = "unet_mnist_class"
+    card, model, classifier = load_card(name), load_model(name), load_digit_classifier()
+    schedule, null = make_schedule(**card["schedule"]), torch.tensor([card["model"]["num_classes"]])
+    labels = torch.arange(n) % 10
+    real_images, real_labels = load_digits("heldout")
+    real_spread = class_spread(classifier, real_images[:n], real_labels[:n])
+    results = {"model": name, "model_status": card["training"]["status"], "machine": describe_machine()}
+    results.update({"date": str(date.today()), "n": n, "steps": steps, "real_spread": real_spread, "runs": []})
+    for scale in GUIDANCE_SCALES:
+        samples, seconds = guided_samples(model, schedule, labels, null, scale, steps)
+        scores = sample_scores(classifier, samples)
+        accuracy, spread = class_accuracy(classifier, samples, labels), class_spread(classifier, samples, labels)
+        results["runs"].append({"scale": scale, "seconds": seconds, "accuracy": accuracy, "spread": spread, **scores})
+        save_results("guidance", results)
+        print(f"w = {scale}: accuracy {accuracy:.3f}, FID {scores['fid']:.2f}, {seconds:.0f} s", flush=True)
+    rows = [
+        f"| {run['scale']:g} | {run['accuracy']:.3f} | {run['fid']:.2f} | {run['spread'] / real_spread:.2f} | "
+        f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
+        for run in results["runs"]
+    ]
+    best = max(results["runs"], key=lambda run: run["accuracy"])
+    return [
+        f"Model `{name}` ({card['training']['status']}); {n} DDIM-{steps} samples per guidance scale w ({n // 10} of "
+        f"each digit, the same noise for every w), x0_hat clipped to [-1, 1]; FID against {n} held-out digits "
+        f"(floor {results['runs'][0]['fid_floor']:.2f}); spread: the within-class spread of the classifier's "
+        f"features over that of {n} held-out digits. Also written to `data/benchmarks/guidance.json` (chapter 7 "
+        "plots it).",
+        "",
+        "| w | conditional accuracy | FID | spread / real | confident (>= 0.9) | ms / image |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"- best conditional accuracy **{best['accuracy']:.3f}** at w = {best['scale']:g} (target >= 0.95).",
+    ]
+
+
 FIGURES = {
     "unet_speed": unet_speed,
     "unet_loss": unet_loss,
     "samplers": samplers,
     "shipped": shipped,
     "latent": latent,
+    "guidance": guidance,
 }
+SAMPLED = ("samplers", "latent", "guidance")  # the figures that take --samples
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figures", nargs="*", help=f"figures to measure, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument(
-        "--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler or model (samplers, latent)"
-    )
+    parser.add_argument("--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler, model or scale")
     args = parser.parse_args()
     if args.threads < 0:
         parser.error(f"--threads must be >= 0; got {args.threads}")
@@ -268,9 +314,9 @@ def main() -> None:
         parser.error(f"unknown figure {unknown[0]!r}; valid: {', '.join(FIGURES)}")
     for name in args.figures or FIGURES:
         start = time.perf_counter()
-        lines = FIGURES[name](args.samples) if name in ("samplers", "latent") else FIGURES[name]()
+        lines = FIGURES[name](args.samples) if name in SAMPLED else FIGURES[name]()
         options = f" --threads {args.threads}" if args.threads else ""
-        options += f" --samples {args.samples}" if name in ("samplers", "latent") else ""
+        options += f" --samples {args.samples}" if name in SAMPLED else ""
         header = (
             f"Measured {date.today()} with `python scripts/bench.py {name}{options}` on {describe_machine()}, "
             f"{torch.get_num_threads()} torch thread(s)."

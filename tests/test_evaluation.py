@@ -7,6 +7,7 @@ from course_lib.data import load_digits
 from course_lib.metrics import (
     class_accuracy,
     class_histogram,
+    class_spread,
     classifier_features,
     confident_fraction,
     fid,
@@ -103,6 +104,23 @@ def test_noise_scores_far_above_the_real_floor_and_is_no_digit(classifier):
     assert scores["kid_floor"] == floor["kid"]  # the same n held-out digits, the same seed
     assert scores["fid"] > 10 * scores["fid_floor"] and scores["kid"] > 10 * abs(scores["kid_floor"])
     assert scores["confident_fraction"] < 0.05  # outlier exposure: the classifier is unsure of noise
+
+
+def test_class_spread_is_the_rms_distance_to_the_class_mean(classifier, heldout):
+    images, labels = heldout
+    one_prototype = images[labels == 7][:1].repeat(10, 1, 1, 1)  # a "collapsed" class: no spread at all
+    images, labels = images[:60], labels[:60]
+    features = classifier_features(classifier, images).double()
+    by_hand = [
+        (features[labels == c] - features[labels == c].mean(0)).norm(dim=1).pow(2).mean().sqrt()
+        for c in labels.unique()
+    ]
+    assert class_spread(classifier, images, labels) == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-9)
+    assert class_spread(classifier, one_prototype, torch.full((10,), 7)) == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="at least two images of some class"):
+        class_spread(classifier, images[:2], torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="10 images, labels of shape \\(9,\\)"):
+        class_spread(classifier, images[:10], labels[:9])
 
 
 def test_bad_inputs_raise(classifier, heldout):

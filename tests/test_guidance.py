@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from course_lib.guidance import Guided, cfg_combine, drop_labels, label_condition
+from course_lib.benchmark import draw_samples
+from course_lib.guidance import Guided, cfg_combine, drop_labels, guided_samples, label_condition
 from course_lib.nets.unet import UNet
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
@@ -59,6 +60,23 @@ def test_guided_model_runs_under_a_sampler():
     guided = Guided(model, torch.tensor([4]), torch.tensor([10]), 3.0)
     x0, _ = ddim_sample(guided, schedule, x_T, 3, clip_x0=True)
     assert x0.shape == x_T.shape and x0.abs().max() <= 1
+
+
+def test_guided_samples_share_noise_across_scales_and_match_a_plain_draw():
+    model, schedule = class_unet(), make_schedule("cosine", 1000)
+    labels, null = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([10])
+    samples, seconds = guided_samples(model, schedule, labels, null, 1.0, 2, seed=3, batch_size=2)
+    assert samples.shape == (5, 1, 28, 28) and seconds > 0
+    # batch b is draw_samples' noise of seed 3 + b, sampled conditionally at w = 1
+    first, _ = draw_samples(lambda xt, t: model(xt, t, labels[:2]), schedule, "DDIM", 2, 2, seed=3)
+    last, _ = draw_samples(lambda xt, t: model(xt, t, labels[4:]), schedule, "DDIM", 2, 1, seed=5)
+    assert torch.allclose(samples[:2], first, atol=1e-6) and torch.allclose(samples[4:], last, atol=1e-6)
+    # w = 0 ignores the labels: every label gives the unconditional sample of the same noise
+    unconditional, _ = guided_samples(model, schedule, labels, null, 0.0, 2, seed=3, batch_size=5)
+    relabelled, _ = guided_samples(model, schedule, labels.flip(0), null, 0.0, 2, seed=3, batch_size=5)
+    assert torch.equal(unconditional, relabelled)
+    with pytest.raises(ValueError, match="at least one condition and batch_size >= 1; got 0, 2"):
+        guided_samples(model, schedule, labels[:0], null, 1.0, 2, batch_size=2)
 
 
 def test_label_dropout_rate_and_errors():
