@@ -16,14 +16,16 @@ One concept per module, in the order the course teaches them:
     train       the training loop: AdamW, warm-up, clipping, EMA, resumable checkpoints    chapter 3 on
     weights     shipped weights: safetensors + JSON card + sha256 manifest                 chapter 4 on
     metrics     distances between samples and data, always beside their floor             chapter 3 on
-    benchmark   the diffusers baseline, FLOPs, throughput, the sampler family timed        chapters 4-5
-    guidance    classifier-free guidance: label dropout, one batched guided forward        chapter 7
+    benchmark   the diffusers baseline, FLOPs, throughput, the sampler family timed        chapters 4-6
+    guidance    classifier-free guidance: label dropout, one batched guided forward,       chapter 7
+                guided samples in batches
     captions    captions from measured slant and stroke thickness; the tokenizer           chapter 7
     lora        low-rank adapters for Linear / Conv2d: inject, scale, merge, save          chapter 8
     styles      measurable styles (bold, slanted digits) for LoRA                          chapter 8
     interop     to diffusers: our schedules as schedulers, our UNet as a diffusers model,  chapter 9
                 the pipelines' loop, a tiny Stable Diffusion built offline
-    flow        flow matching on straight paths, t in [0, 1]: loss, Euler / Heun, reflow   chapter 10
+    flow        flow matching on straight paths, t in [0, 1]: loss, Euler / Heun           chapter 10
+    reflow      reflow's (noise, sample) pairs and the straightness of a path              chapter 10
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):

@@ -23,6 +23,11 @@ from course_lib.schedules import Schedule
 from course_lib.solvers import dpm_solver_sample, euler_sample
 
 IMAGE_SHAPE = (1, 28, 28)
+LATENT_SHAPE = (4, 7, 7)  # what the latent model (data/latent_mnist_eps) diffuses: data/vae_mnist's latent grid
+# x0_hat of the latent model is clipped to [-4.5, 4.5]: the scaled train latents reach 4.2 (their 99.9th percentile
+# of |z| is 3.2). Unclipped, DDIM from t = 999 (alpha_bar 2.4e-9) blew up (0% confident); 3.0 / 4.5 / 6.0 gave
+# 86% / 92% / 86% confident on 64 samples. Chapter 6 and scripts/bench.py both sample with it.
+LATENT_CLIP = 4.5
 
 
 # --- networks -------------------------------------------------------------------------------------------------
@@ -92,6 +97,23 @@ def training_images_per_second(model: torch.nn.Module, batch_size: int = 128, st
         optimizer.step()
     synchronize(device)
     return batch_size * steps / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def ms_per_call(model: Denoiser, shape: tuple[int, ...], batch_size: int = 50, repeats: int = 5) -> float:
+    """Milliseconds of one forward call `model(x_t, t)` on a batch of `batch_size` inputs of `shape`, averaged over
+    `repeats` calls after one untimed warm-up, on the model's device."""
+    if batch_size < 1 or repeats < 1:
+        raise ValueError(f"batch_size and repeats must be >= 1; got batch_size={batch_size}, repeats={repeats}")
+    device = next(model.parameters()).device
+    x, t = torch.randn(batch_size, *shape, device=device), torch.full((batch_size,), 500, device=device)
+    model(x, t)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        model(x, t)
+    synchronize(device)
+    return (time.perf_counter() - began) / repeats * 1000
 
 
 def synchronize(device: torch.device) -> None:

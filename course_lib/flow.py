@@ -1,4 +1,5 @@
-r"""Flow matching and rectified flow: straight paths from data to noise, a velocity network, ODE samplers, reflow.
+r"""Flow matching and rectified flow: straight paths from data to noise, a velocity network, ODE samplers; reflow
+and the straightness of paths are in `course_lib.reflow`.
 
 Taught in chapter 10 (Flow matching and rectified flow). Papers: Lipman et al. 2023, "Flow Matching for Generative
 Modeling"; Liu, Gong & Liu 2023, "Flow Straight and Fast: Learning to Generate and Transfer Data with Rectified Flow";
@@ -204,6 +205,36 @@ def euler_step(v_hat: torch.Tensor, xt: torch.Tensor, t, t_next) -> torch.Tensor
     return xt + (t_next - t) * v_hat
 
 
+def _solve(
+    model: VelocityModel,
+    x1: torch.Tensor,
+    steps: int,
+    cond: torch.Tensor | None,
+    shift: float,
+    spacing: str,
+    record_every: int,
+    second_order: bool,
+) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:
+    """The stepping loop of `euler_sample` (second_order False) and `heun_sample` (True)."""
+    check_record_every(record_every)
+    times = time_grid(steps, shift, spacing).to(device=x1.device, dtype=x1.dtype)  # (steps + 1,)
+    trajectory = []
+    xt = x1
+    for i in range(steps):
+        t, t_next = times[i], times[i + 1]
+        # 1. the velocity here, and an Euler step with it (Heun's predictor)
+        v_hat = velocity(model, xt, t, cond)
+        x_next = euler_step(v_hat, xt, t, t_next)
+        # 2. Heun: the velocity where that step lands, and the step again with the mean of both slopes (the corrector)
+        if second_order and t_next > 0:
+            v_next = velocity(model, x_next, t_next, cond)
+            x_next = euler_step((v_hat + v_next) / 2, xt, t, t_next)
+        if should_record(i, steps, record_every):
+            trajectory.append((t.item(), xt.cpu(), (xt - t * v_hat).cpu()))
+        xt = x_next
+    return xt, trajectory
+
+
 @torch.no_grad()
 def euler_sample(
     model: VelocityModel,
@@ -221,19 +252,7 @@ def euler_sample(
     last one (always recorded), x0_hat = x_t - t v_hat (`split_velocity`); empty when record_every is 0. The device
     and dtype come from x1.
     """
-    check_record_every(record_every)
-    times = time_grid(steps, shift, spacing).to(device=x1.device, dtype=x1.dtype)  # (steps + 1,)
-    trajectory = []
-    xt = x1
-    for i in range(steps):
-        # 1. the velocity at this time
-        v_hat = velocity(model, xt, times[i], cond)
-        # 2. one step along it to the next time
-        x_next = euler_step(v_hat, xt, times[i], times[i + 1])
-        if should_record(i, steps, record_every):
-            trajectory.append((times[i].item(), xt.cpu(), (xt - times[i] * v_hat).cpu()))
-        xt = x_next
-    return xt, trajectory
+    return _solve(model, x1, steps, cond, shift, spacing, record_every, second_order=False)
 
 
 @torch.no_grad()
@@ -255,91 +274,4 @@ def heun_sample(
     `FlowMatchHeunDiscreteScheduler`), so a run costs 2 * steps - 1 network calls. Returns (x0, trajectory) as
     `euler_sample` does.
     """
-    check_record_every(record_every)
-    times = time_grid(steps, shift, spacing).to(device=x1.device, dtype=x1.dtype)
-    trajectory = []
-    xt = x1
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
-        # 1. the velocity here, and an Euler step with it (the predictor)
-        v_hat = velocity(model, xt, t, cond)
-        x_next = euler_step(v_hat, xt, t, t_next)
-        # 2. the velocity where that step lands, and the step again with the mean of both slopes (the corrector)
-        if t_next > 0:
-            v_next = velocity(model, x_next, t_next, cond)
-            x_next = euler_step((v_hat + v_next) / 2, xt, t, t_next)
-        if should_record(i, steps, record_every):
-            trajectory.append((t.item(), xt.cpu(), (xt - t * v_hat).cpu()))
-        xt = x_next
-    return xt, trajectory
-
-
-# --- reflow and straightness ----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reflow_pairs(
-    model: VelocityModel,
-    noise: torch.Tensor,
-    steps: int,
-    cond: torch.Tensor | None = None,
-    shift: float = 1.0,
-    solver: str = "heun",
-    batch_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, sample): each noise carried to t = 0 by the flow's ODE, the coupling that reflow trains the next flow
-    on (Liu et al. 2023: "reflow", the rectify map (X_0, X_1) -> (Z_0, Z_1)); `reflow_loss` trains on it.
-
-    solver is "heun" (`heun_sample`, the default: the pairs should follow the ODE closely) or "euler"; batch_size
-    splits a large noise tensor (and cond with it) into batches. The sample has noise's device and dtype.
-    """
-    check_choice("solver", solver, SOLVERS)
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1 or None; got batch_size={batch_size!r}")
-    if cond is not None and len(cond) != len(noise):
-        raise ValueError(f"cond has {len(cond)} entries for {len(noise)} noise samples")
-    sample_fn = heun_sample if solver == "heun" else euler_sample
-    size = batch_size or len(noise)
-    samples = []
-    for start in range(0, len(noise), size):
-        batch_cond = cond[start : start + size] if cond is not None else None
-        samples.append(sample_fn(model, noise[start : start + size], steps, batch_cond, shift)[0])
-    return noise, torch.cat(samples)
-
-
-def path_from_trajectory(
-    trajectory: list[tuple[float, torch.Tensor, torch.Tensor]], x0: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(times, path) for `straightness` from a sampler's (x0, trajectory): the recorded times and states, then t = 0
-    and the sample. Record every step (record_every=1) to get the whole path the sampler took."""
-    if not trajectory:
-        raise ValueError("the trajectory is empty: sample with record_every=1")
-    times = torch.tensor([t for t, _, _ in trajectory] + [0.0], dtype=torch.float64)
-    path = torch.stack([xt for _, xt, _ in trajectory] + [x0.cpu()])
-    return times, path
-
-
-def straightness(times: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
-    r"""Liu et al. 2023's straightness of a path, per example: 0 exactly for a straight line run at constant speed;
-    the more the ODE bends, the larger, and the more steps a sampler needs.
-
-    $$S = \frac{1}{t_0 - t_N}\int_{t_N}^{t_0} \Big\lVert \frac{x_{t_0} - x_{t_N}}{t_0 - t_N} - \frac{dx_t}{dt}
-      \Big\rVert^2 dt,\quad\text{i.e.}\quad S = \int_0^1 \lVert (x_1 - x_0) - \dot x_t \rVert^2 dt\ \text{on}\ [0, 1]$$
-
-    taken exactly for the polyline through the given states: on each segment $dx/dt$ is
-    $(x_{i+1} - x_i) / (t_{i+1} - t_i)$, for an Euler path the velocity the sampler used. The squared norm is the
-    mean over coordinates, as in the loss (the paper's sum over the dimension d, divided by d).
-    times: (N + 1,), strictly monotonic; path: (N + 1, B, ...). Returns (B,), float64.
-    """
-    times = times.double().cpu()
-    if times.ndim != 1 or len(times) < 2 or len(times) != len(path):
-        shapes = f"{tuple(times.shape)} and {tuple(path.shape)}"
-        raise ValueError(f"need times (N + 1,) with N >= 1 and path (N + 1, B, ...); got {shapes}")
-    dt = times[1:] - times[:-1]  # (N,)
-    if not ((dt > 0).all() or (dt < 0).all()):
-        raise ValueError(f"times must be strictly monotonic; got {times.tolist()}")
-    path = path.double().cpu().flatten(2)  # (N + 1, B, D)
-    chord = (path[-1] - path[0]) / (times[-1] - times[0])  # (B, D) the constant velocity of the straight line
-    segment = (path[1:] - path[:-1]) / dt[:, None, None]  # (N, B, D)
-    deviation = (segment - chord).pow(2).mean(2)  # (N, B)
-    return (dt.abs()[:, None] * deviation).sum(0) / (times[-1] - times[0]).abs()
+    return _solve(model, x1, steps, cond, shift, spacing, record_every, second_order=True)

@@ -9,6 +9,7 @@ from course_lib.benchmark import (
     draw_samples,
     gflops_per_image,
     load_results,
+    ms_per_call,
     parameter_count,
     run_sampler,
     save_results,
@@ -53,6 +54,16 @@ def test_training_throughput_is_positive_and_checks_its_arguments():
     assert training_images_per_second(TinyDenoiser(), batch_size=4, steps=2) > 0
     with pytest.raises(ValueError, match="steps=0"):
         training_images_per_second(TinyDenoiser(), steps=0)
+
+
+def test_ms_per_call_times_forward_calls_and_checks_its_arguments():
+    calls = []
+    model = TinyDenoiser()
+    model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    assert ms_per_call(model, (1, 28, 28), batch_size=3, repeats=2) > 0
+    assert calls == [(3, 1, 28, 28)] * 3  # one warm-up, two timed
+    with pytest.raises(ValueError, match="repeats=0"):
+        ms_per_call(model, (1, 28, 28), repeats=0)
 
 
 def test_each_sampler_is_the_course_sampler_with_clipping():

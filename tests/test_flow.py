@@ -20,17 +20,15 @@ from course_lib.flow import (
     flow_loss,
     heun_sample,
     interpolate,
-    path_from_trajectory,
     reflow_loss,
-    reflow_pairs,
     sample_times,
     shift_times,
     split_velocity,
-    straightness,
     time_grid,
 )
 from course_lib.nets.mlp import MLPDenoiser
 from course_lib.nets.unet import UNet
+from course_lib.reflow import path_from_trajectory, reflow_pairs, straightness
 
 # diffusers turns tensors into numpy arrays in a way numpy 2 warns about
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -142,27 +142,43 @@ print(f"mean stroke thickness after the live fine-tune: {measure_thickness(sampl
 # %%
 styled = load_model("unet_mnist_eps", device)
 load_lora(styled, data_dir() / "lora_bold.safetensors", adapter="bold")
-scales = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]
-thickness = []
-for scale in scales:
+with torch.no_grad():  # at scale 0 the adapter is switched off: the base model, output for output
+    probe_x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
+    probe_t = torch.tensor([50, 300, 600, 900], device=device)
+    set_lora_scale(styled, 0.0, adapter="bold")
+    print("scale 0 is the base model:", torch.allclose(styled(probe_x, probe_t), base_model(probe_x, probe_t)))
+
+
+def style_of(model: torch.nn.Module) -> tuple[float, float]:
+    """Mean stroke thickness and slant of the model's samples (the same noise for every call)."""
+    images, _ = draw_samples(model, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
+    return measure_thickness(images).mean().item(), measure_slant(images).mean().item()
+
+
+base_style = (measure_thickness(base_samples).mean().item(), measure_slant(base_samples).mean().item())
+scales, thickness = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25], [base_style[0]]
+for scale in scales[1:]:
     set_lora_scale(styled, scale, adapter="bold")
-    images, _ = draw_samples(styled, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
-    thickness.append(measure_thickness(images).mean().item())
+    thickness.append(style_of(styled)[0])
 plt.plot(scales, thickness, "o-")
 plt.xlabel("LoRA scale s")
 plt.ylabel("mean stroke thickness")
 plt.show()
 
+# %% [markdown]
+# Two adapters sit side by side in the same layers, each with its own scale; their updates add up. Bold alone was
+# measured above, slant alone and both together here:
+
 # %%
 load_lora(styled, data_dir() / "lora_slant.safetensors", adapter="slant")
-for bold_scale, slant_scale in [(0, 0), (1, 0), (0, 1), (1, 1)]:
-    set_lora_scale(styled, bold_scale, adapter="bold")
-    set_lora_scale(styled, slant_scale, adapter="slant")
-    images, _ = draw_samples(styled, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
-    print(
-        f"bold {bold_scale}, slant {slant_scale}: thickness {measure_thickness(images).mean():.2f}, "
-        f"slant {measure_slant(images).mean():.2f}"
-    )
+set_lora_scale(styled, 0.0, adapter="bold")
+slant_style = style_of(styled)
+set_lora_scale(styled, 1.0, adapter="bold")
+both_style = style_of(styled)
+print(f"base:         thickness {base_style[0]:.2f}, slant {base_style[1]:.2f}")
+print(f"bold:         thickness {thickness[scales.index(1.0)]:.2f}")
+print(f"slant:        thickness {slant_style[0]:.2f}, slant {slant_style[1]:.2f}")
+print(f"bold + slant: thickness {both_style[0]:.2f}, slant {both_style[1]:.2f}")
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -62,15 +62,13 @@ from course_lib.flow import (
     flow_loss,
     heun_sample,
     interpolate,
-    path_from_trajectory,
-    reflow_pairs,
-    straightness,
     time_grid,
 )
 from course_lib.metrics import sliced_wasserstein
 from course_lib.nets.mlp import MLPDenoiser
 from course_lib.plotting import plot_losses
 from course_lib.profiles import get_device, get_profile
+from course_lib.reflow import path_from_trajectory, reflow_pairs, straightness
 from course_lib.toy import moons
 from course_lib.train import TrainConfig, train
 
@@ -175,7 +173,7 @@ with torch.no_grad():
 # The training paths are straight, but they cross: many pairs pass through the same $x_t$, and the network learns
 # their average, so the ODE's paths bend. Liu et al. measure it by the straightness
 # $S = \int_0^1 \lVert (x_1 - x_0) - \dot x_t \rVert^2\,dt$, zero for a straight path at constant speed
-# (`course_lib.flow.straightness`). **Reflow** trains a new flow on the pairs (noise, its ODE sample) of the old one:
+# (`course_lib.reflow.straightness`). **Reflow** trains a new flow on the pairs (noise, its ODE sample) of the old one:
 # these pairs no longer cross, so the new flow's paths are straighter, and a step or two gets close.
 
 # %%
