@@ -18,6 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib.data import data_dir, record_sha256, verify_file
 from course_lib.ddpm import Denoiser, check_choice, ddpm_sample
+from course_lib.flow import SOLVERS as FLOW_SOLVERS
+from course_lib.flow import euler_sample as euler_flow_sample
+from course_lib.flow import heun_sample as heun_flow_sample
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import Schedule
 from course_lib.solvers import dpm_solver_sample, euler_sample
@@ -180,9 +183,45 @@ def draw_samples(
     noise and a run is the same on any device (DDPM's per-step noise has a CPU generator per batch). Only the
     sampling is timed. Samples are returned on the CPU, clamped to [-1, 1] (the pixel range) for scoring.
     """
+    check_choice("sampler", sampler, SAMPLERS)
+
+    def sample_batch(x_T: torch.Tensor, step_generator: torch.Generator) -> torch.Tensor:
+        return run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0)
+
+    return _draw_in_batches(sample_batch, n, seed, batch_size, device, shape, decoder)
+
+
+@torch.no_grad()
+def draw_flow_samples(
+    model: Callable[..., torch.Tensor],
+    solver: str,
+    steps: int,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, float]:
+    """n digits from a velocity model (`course_lib.flow`) with the Euler or Heun solver of `steps` steps (Euler:
+    `steps` network calls; Heun: 2 * steps - 1), in batches, and the wall time: the same noise, batches and
+    clamping as `draw_samples` with the same seed, so a flow model and an eps model can be compared sample for
+    sample."""
+    check_choice("solver", solver, FLOW_SOLVERS)
+    solve = {"euler": euler_flow_sample, "heun": heun_flow_sample}[solver]
+    return _draw_in_batches(lambda x_T, _: solve(model, x_T, steps)[0], n, seed, batch_size, device, IMAGE_SHAPE)
+
+
+def _draw_in_batches(
+    sample_batch: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    n: int,
+    seed: int,
+    batch_size: int,
+    device: torch.device | str,
+    shape: tuple[int, ...],
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """The batching, noise and timing of `draw_samples`: sample_batch(x_T, step_generator) -> x0 per batch."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1; got n={n}, batch_size={batch_size}")
-    check_choice("sampler", sampler, SAMPLERS)
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(device)
     samples, seconds = [], 0.0
@@ -191,7 +230,7 @@ def draw_samples(
         step_generator = torch.Generator().manual_seed(seed + 1 + start)
         synchronize(device)
         began = time.perf_counter()
-        x0 = run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0)
+        x0 = sample_batch(x_T, step_generator)
         if decoder is not None:
             x0 = decoder(x0)
         synchronize(device)

@@ -47,18 +47,17 @@ if "google.colab" in sys.modules:
 
 # %%
 import math
-import time
 
 import matplotlib.pyplot as plt
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from course_lib.benchmark import IMAGE_SHAPE, LATENT_CLIP, LATENT_SHAPE, draw_samples, ms_per_call
 from course_lib.data import load_digits
 from course_lib.metrics import class_accuracy, confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.vae import DiagonalGaussian
 from course_lib.plotting import show_images
 from course_lib.profiles import get_device, get_profile
-from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
 from course_lib.weights import load_card, load_model
 
@@ -217,10 +216,9 @@ plt.show()
 # $\bar\alpha = 2.4 \times 10^{-9}$, and $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha}\,\hat\epsilon)/\sqrt{\bar\alpha}$
 # multiplies the network's error by $2 \times 10^4$. Latents need the same guard, but not the pixel range: scaled
 # latents are not confined to $[-1, 1]$. We clip to $\pm 4.5$, about the largest scaled latent of the data
-# (`scripts/bench.py` gives the measurements behind the choice):
+# (`course_lib.benchmark.LATENT_CLIP` gives the measurements behind the choice):
 
 # %%
-LATENT_CLIP = 4.5
 print(f"largest |scaled latent| of these held-out digits: {(latents * scale).abs().max():.2f}; clip at {LATENT_CLIP}")
 latent_card = load_card("latent_mnist_eps")
 latent_model = load_model("latent_mnist_eps", device)
@@ -231,46 +229,35 @@ print(f"latent UNet: {count(latent_model):,d} parameters; pixel UNet: {count(pix
 print(f"latent model: {latent_card['training']['status']}, {latent_card['training']['wall_minutes']} min of training")
 
 
-def sample_latent(n: int, seed: int, scaling_factor: float = scale, clip: float | bool = LATENT_CLIP) -> torch.Tensor:
-    """n digits: DDIM in latent space (profile.sample_steps steps, x0_hat clipped to [-clip, clip]), then the
-    decoder on z0 / scaling_factor."""
-    z_T = torch.randn(n, 4, 7, 7, generator=torch.Generator().manual_seed(seed)).to(device)
-    with torch.no_grad():
-        z0, _ = ddim_sample(latent_model, latent_schedule, z_T, profile.sample_steps, clip_x0=clip)
-        return vae.decode(z0 / scaling_factor).clamp(-1, 1).cpu()
-
-
-def sample_pixels(n: int, seed: int) -> torch.Tensor:
-    """n digits: DDIM in pixel space with chapter 4's model (profile.sample_steps steps, x0_hat clipped)."""
-    x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).to(device)
-    with torch.no_grad():
-        return ddim_sample(pixel_model, schedule, x_T, profile.sample_steps, clip_x0=True)[0].clamp(-1, 1).cpu()
+def sample_latent(n: int, scaling_factor: float = scale, clip: float | bool = LATENT_CLIP):
+    """n digits and the seconds they took: DDIM in latent space (profile.sample_steps steps, x0_hat clipped to
+    [-clip, clip]), then the decoder on z0 / scaling_factor, timed together."""
+    decode = lambda z0: vae.decode(z0 / scaling_factor)  # noqa: E731
+    return draw_samples(
+        latent_model,
+        latent_schedule,
+        "DDIM",
+        profile.sample_steps,
+        n,
+        seed=100,
+        device=device,
+        decoder=decode,
+        shape=LATENT_SHAPE,
+        clip_x0=clip,
+    )
 
 
 # %% [markdown]
-# **Cost.** One network call on a batch of 50, then the whole sampling of `profile.sampler_samples` digits in each
-# space, timed in this run:
-
+# **Cost.** One network call on a batch of 50 (`ms_per_call`), then the whole sampling of
+# `profile.sampler_samples` digits in each space (`draw_samples`, chapter 5's benchmark helper), timed in this run:
 
 # %%
-def per_call_ms(model, shape) -> float:
-    x, t = torch.randn(50, *shape).to(device), torch.full((50,), 500, device=device)
-    with torch.no_grad():
-        model(x, t)  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            model(x, t)
-    return (time.perf_counter() - start) / 3 * 1000
-
-
 n = profile.sampler_samples
-pixel_call, latent_call = per_call_ms(pixel_model, (1, 28, 28)), per_call_ms(latent_model, (4, 7, 7))
-start = time.perf_counter()
-pixel_samples = torch.cat([sample_pixels(min(50, n - i), seed=100 + i) for i in range(0, n, 50)])
-pixel_seconds = time.perf_counter() - start
-start = time.perf_counter()
-latent_samples = torch.cat([sample_latent(min(50, n - i), seed=100 + i) for i in range(0, n, 50)])
-latent_seconds = time.perf_counter() - start
+pixel_call, latent_call = ms_per_call(pixel_model, IMAGE_SHAPE), ms_per_call(latent_model, LATENT_SHAPE)
+pixel_samples, pixel_seconds = draw_samples(
+    pixel_model, schedule, "DDIM", profile.sample_steps, n, seed=100, device=device
+)
+latent_samples, latent_seconds = sample_latent(n)
 print(
     f"one call, batch 50: pixel UNet {pixel_call:.0f} ms, latent UNet {latent_call:.0f} ms "
     f"({pixel_call / latent_call:.1f}x)"
@@ -305,7 +292,7 @@ plt.show()
 # decoder minds; Stable Diffusion's latents would arrive 5.5 times off, far outside anything its decoder saw.
 
 # %%
-unscaled = sample_latent(min(n, 100), seed=100, scaling_factor=1.0)
+unscaled, _ = sample_latent(min(n, 100), scaling_factor=1.0)
 print(
     f"decoded without dividing by {scale:.2f}: confident {confident_fraction(classifier, unscaled):.2f} "
     f"(with it: {confident_fraction(classifier, latent_samples[:100]):.2f})"
@@ -317,7 +304,7 @@ plt.show()
 # And without the clip of $\hat x_0$, from the same noise:
 
 # %%
-unclipped = sample_latent(min(n, 100), seed=100, clip=False)
+unclipped, _ = sample_latent(min(n, 100), clip=False)
 print(f"latent DDIM without clipping x0_hat: confident {confident_fraction(classifier, unclipped):.2f}")
 show_images(unclipped[:16], nrow=8, title="latent DDIM, x0_hat not clipped")
 plt.show()

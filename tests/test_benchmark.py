@@ -6,6 +6,7 @@ import torch
 from course_lib.benchmark import (
     SAMPLERS,
     DiffusersUNet,
+    draw_flow_samples,
     draw_samples,
     gflops_per_image,
     load_results,
@@ -100,6 +101,21 @@ def test_draw_samples_in_batches_equals_one_batch():
     assert torch.allclose(one, batched, atol=1e-5)
     assert torch.equal(one, ddim_sample(model, SCHEDULE, x_T, 5, clip_x0=True)[0].clamp(-1, 1))
     assert seconds > 0 and one.abs().max() <= 1
+
+
+def test_flow_samples_start_from_draw_samples_noise_and_take_the_solver_steps():
+    """A point mass at 0.5 has the exact velocity (x_t - 0.5) / t: one Euler step from any noise lands on it. A zero
+    velocity leaves x_T where it is, so the returned samples are the noise of draw_samples, clamped."""
+    point = lambda xt, time_input: (xt - 0.5) / (time_input / 1000).view(-1, 1, 1, 1)  # noqa: E731
+    landed, seconds = draw_flow_samples(point, "euler", 1, n=3, seed=2, batch_size=2)
+    assert torch.allclose(landed, torch.full((3, 1, 28, 28), 0.5), atol=1e-6) and seconds > 0
+    calls = []
+    still = lambda xt, time_input: calls.append(len(xt)) or torch.zeros_like(xt)  # noqa: E731
+    unmoved, _ = draw_flow_samples(still, "heun", 3, n=5, seed=3, batch_size=5)
+    x_T = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(unmoved, x_T.clamp(-1, 1)) and len(calls) == 2 * 3 - 1  # Heun: the last step is Euler
+    with pytest.raises(ValueError, match="'rk4'"):
+        draw_flow_samples(still, "rk4", 3, n=1)
 
 
 def test_latent_samples_are_not_clipped_and_go_through_the_decoder():
