@@ -28,7 +28,7 @@ if "google.colab" in sys.modules:
 
 
 # %% [markdown]
-# DRAFT (not yet a chapter: sections 4-5 need data/unet_mnist_flow.* from
+# DRAFT (not yet a chapter: section 4 needs data/unet_mnist_flow.* from
 # `python scripts/train_unet.py --recipe unet_mnist_flow`, then --export). Move to notebooks/10_flow_matching.py, run.
 #
 # # Chapter 10: Flow matching and rectified flow
@@ -57,6 +57,7 @@ import matplotlib.pyplot as plt
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from course_lib.benchmark import draw_flow_samples, draw_samples
 from course_lib.flow import (
     euler_sample,
     flow_loss,
@@ -64,13 +65,15 @@ from course_lib.flow import (
     interpolate,
     time_grid,
 )
-from course_lib.metrics import sliced_wasserstein
+from course_lib.metrics import load_digit_classifier, sample_scores, sliced_wasserstein
 from course_lib.nets.mlp import MLPDenoiser
-from course_lib.plotting import plot_losses
+from course_lib.plotting import plot_losses, show_images
 from course_lib.profiles import get_device, get_profile
 from course_lib.reflow import path_from_trajectory, reflow_pairs, straightness
+from course_lib.schedules import make_schedule
 from course_lib.toy import moons
 from course_lib.train import TrainConfig, train
+from course_lib.weights import load_card, load_model
 
 profile = get_profile()
 device = get_device()
@@ -217,12 +220,52 @@ plt.show()
 # ## 4. Digits
 #
 # `scripts/train_unet.py --recipe unet_mnist_flow` trains chapter 4's UNet with the flow objective, starting from
-# the shipped eps model (whose features carry over; the output layer learns to mean a velocity). Against the eps
-# model under DDIM, on the same numbers of network calls:
-#
-# (to be written once data/unet_mnist_flow ships: the table of FID and confident fraction against calls for DDIM
-# on unet_mnist_eps, Euler and Heun on unet_mnist_flow, from `profile.sampler_samples` digits each, plus
-# `python scripts/bench.py flow` for the full figure.)
+# the shipped eps model (whose features carry over; the output layer learns to mean a velocity). The comparison
+# that matters in practice is quality for a number of network calls: DDIM on the eps model against Euler and Heun
+# on the flow model, from the same noise (`draw_flow_samples` uses `draw_samples`' noise for the same seed).
+# Heun with $s$ steps costs $2s - 1$ calls, so it is run at the odd counts nearest each budget.
+
+# %%
+flow_card = load_card("unet_mnist_flow")
+flow_digits = load_model("unet_mnist_flow", device)
+eps_card = load_card("unet_mnist_eps")
+eps_digits = load_model("unet_mnist_eps", device)
+eps_schedule = make_schedule(**eps_card["schedule"])
+print(f"flow model: {flow_card['training']['status']}, {flow_card['training']['images_seen']:,d} images")
+classifier = load_digit_classifier(device)
+n, budgets = profile.sampler_samples, profile.step_counts[:3]
+rows = []
+for calls in budgets:
+    heun_steps = (calls + 1) // 2
+    runs = {
+        f"DDIM (eps), {calls} calls": draw_samples(eps_digits, eps_schedule, "DDIM", calls, n, seed=10, device=device),
+        f"Euler (flow), {calls} calls": draw_flow_samples(flow_digits, "euler", calls, n, seed=10, device=device),
+        f"Heun (flow), {2 * heun_steps - 1} calls": draw_flow_samples(
+            flow_digits, "heun", heun_steps, n, seed=10, device=device
+        ),
+    }
+    for name, (samples, seconds) in runs.items():
+        scores = sample_scores(classifier, samples)
+        rows.append((name, scores["fid"], scores["confident_fraction"], seconds))
+        print(f"{name:28s} FID {scores['fid']:6.2f}  confident {scores['confident_fraction']:.2f}  {seconds:5.1f} s")
+print(f"(n = {n}; real-vs-real floor FID {scores['fid_floor']:.2f})")
+
+# %% [markdown]
+# How straight are the flow's paths for digits? The same straightness as for the moons, on the Euler path of a
+# few digits:
+
+# %%
+with torch.no_grad():
+    x1 = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(11)).to(device)
+    sample, trajectory = euler_sample(flow_digits, x1, 32, record_every=1)
+times, path = path_from_trajectory(trajectory, sample)
+print(f"straightness of the digit flow's paths (32 Euler steps): {straightness(times, path).mean():.4f}")
+show_images(
+    torch.stack([x0_hat for _, _, x0_hat in trajectory[::4]])[:, :8].flatten(0, 1).clamp(-1, 1),
+    nrow=8,
+    title="x0_hat along the path, every 4th step (rows)",
+)
+plt.show()
 
 # %% [markdown]
 # ## Recap
