@@ -13,6 +13,8 @@ Figures:
                  which chapter 5 plots)
     shipped      the shipped digit model's targets: 1,000 DDIM-50 samples, FID beside the floor, confident fraction
     latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 500 DDIM-50 each
+    flow         the flow-matching model (Euler, Heun) against the eps model (DDIM) at 5-50 network calls: FID and
+                 confident fraction of 500 samples each, from the same noise (also data/benchmarks/flow.json)
     guidance     the class-conditional model under classifier-free guidance, w = 0..8: conditional accuracy, FID,
                  spread within classes, 500 DDIM-20 samples per w (also data/benchmarks/guidance.json, which
                  chapter 7 plots)
@@ -23,6 +25,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from course_lib.benchmark import (
     LATENT_CLIP,
     LATENT_SHAPE,
     DiffusersUNet,
+    draw_flow_samples,
     draw_samples,
     gflops_per_image,
     ms_per_call,
@@ -277,6 +281,46 @@ def guidance(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
     ]
 
 
+FLOW_CALLS = (5, 10, 20, 50)
+
+
+def flow(n: int = SAMPLER_SAMPLES) -> list[str]:
+    """DDIM on the eps model against Euler and Heun on the flow model (chapter 10) at the same network calls
+    (Heun with s steps makes 2s - 1 calls: the odd count at or below each budget), from the same noise."""
+    classifier, eps_model, flow_model = load_digit_classifier(), load_model(NAME), load_model("unet_mnist_flow")
+    status = load_card("unet_mnist_flow")["training"]["status"]
+    schedule = make_schedule(**SCHEDULE)
+    results = {"models": [NAME, "unet_mnist_flow"], "flow_status": status, "machine": describe_machine()}
+    results.update({"date": str(date.today()), "n": n, "runs": []})
+    for calls in FLOW_CALLS:
+        heun_steps = (calls + 1) // 2
+        runs = [
+            ("DDIM", calls, partial(draw_samples, eps_model, schedule, "DDIM", calls, n)),
+            ("Euler", calls, partial(draw_flow_samples, flow_model, "euler", calls, n)),
+            ("Heun", 2 * heun_steps - 1, partial(draw_flow_samples, flow_model, "heun", heun_steps, n)),
+        ]
+        for sampler, used, draw in runs:
+            samples, seconds = draw()
+            scores = sample_scores(classifier, samples)
+            results["runs"].append({"sampler": sampler, "calls": used, "seconds": seconds, **scores})
+            save_results("flow", results)
+            print(f"{sampler}, {used} calls: FID {scores['fid']:.2f}, {seconds:.0f} s", flush=True)
+    rows = [
+        f"| {run['sampler']} | {run['calls']} | {run['fid']:.2f} | {run['kid'] * 1000:.2f} | "
+        f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
+        for run in results["runs"]
+    ]
+    return [
+        f"Models `{NAME}` (DDIM, trailing spacing, x0_hat clipped) and `unet_mnist_flow` ({status}; Euler and Heun "
+        f"on the uniform grid); {n} samples per run from the same noise; FID and KID against {n} held-out digits "
+        f"(floor {results['runs'][0]['fid_floor']:.2f}). Also written to `data/benchmarks/flow.json`.",
+        "",
+        "| sampler | network calls | FID | KID x 1000 | confident (>= 0.9) | ms / image |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
 FIGURES = {
     "unet_speed": unet_speed,
     "unet_loss": unet_loss,
@@ -284,8 +328,9 @@ FIGURES = {
     "shipped": shipped,
     "latent": latent,
     "guidance": guidance,
+    "flow": flow,
 }
-SAMPLED = ("samplers", "latent", "guidance")  # the figures that take --samples
+SAMPLED = ("samplers", "latent", "guidance", "flow")  # the figures that take --samples
 
 
 def main() -> None:
