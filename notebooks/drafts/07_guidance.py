@@ -226,3 +226,62 @@ for negative in ("", "a thick"):
     guided = Guided(text_model, seven, tokenize([negative]).to(device), 3.0)
     images = ddim_sample(guided, schedule, x_T, profile.sample_steps, clip_x0=True)[0].clamp(-1, 1).cpu()
     print(f"negative prompt {negative!r}: thickness {measure_thickness(images).mean():.2f}")
+
+# %% [markdown]
+# ## Recap
+#
+# - A class-conditional UNet adds a label embedding to the time embedding; an extra "no label" entry, trained in
+#   place of the label 10% of the time, gives the unconditional model in the same network.
+# - Classifier-free guidance extrapolates from the unconditional towards the conditional prediction,
+#   $\hat\epsilon_w = \epsilon_\varnothing + w(\epsilon_c - \epsilon_\varnothing)$: the score of
+#   $p(x_t)\,p(c \mid x_t)^w$ (checked on exact scores). One doubled batch computes both terms.
+# - Raising $w$ buys conditional accuracy and costs diversity: the spread within each class shrinks and FID,
+#   which sees variety, rises past its best $w$ (the sweep, measured).
+# - Captions reach the UNet through cross-attention on a small text encoder's tokens, Stable Diffusion's pathway;
+#   each word's effect is measured by the classifier and image moments. A negative prompt takes the place of the
+#   empty caption in the guidance formula, so guidance pushes away from it.
+#
+# ## Exercises
+#
+# **Exercise 1.** The paper (Ho & Salimans 2021, eq. 6) writes guidance as
+# $\tilde\epsilon = (1 + w')\,\epsilon_c - w'\,\epsilon_\varnothing$. Write `diffusers_scale(w_paper)`, the $w$ of
+# this chapter (diffusers' `guidance_scale`) that gives the same prediction, and check it on random predictions.
+
+
+# %%
+# reference solution: replace with your own
+def diffusers_scale(w_paper: float) -> float:
+    return 1.0 + w_paper
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+eps_c, eps_null = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
+for w_paper in (0.0, 0.5, 2.0):
+    paper = (1 + w_paper) * eps_c - w_paper * eps_null
+    assert torch.allclose(cfg_combine(eps_null, eps_c, diffusers_scale(w_paper)), paper, atol=1e-6), w_paper
+print("exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** `Guided` runs one doubled batch. Compute the guided prediction of the class model at $w = 3$
+# with two separate forward passes instead (labels, then the null label), and check that both ways agree.
+
+
+# %%
+# reference solution: replace with your own
+def two_pass_guidance(xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    with torch.no_grad():
+        cond = model(xt, t, labels)
+        uncond = model(xt, t, torch.full_like(labels, card["model"]["num_classes"]))
+    return uncond + scale * (cond - uncond)
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+xt = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(5)).to(device)
+t = torch.tensor([10, 200, 400, 600, 800, 990], device=device)
+asked = torch.tensor([0, 1, 2, 7, 8, 9], device=device)
+with torch.no_grad():
+    batched = Guided(model, asked, null.to(device), 3.0)(xt, t)
+assert torch.allclose(two_pass_guidance(xt, t, asked, 3.0), batched, atol=1e-4), "not the guided prediction"
+print("exercise 2: correct")
