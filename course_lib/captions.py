@@ -20,6 +20,8 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 SLANT_LEFT, SLANT_RIGHT = 0.0, 0.3  # slant below: "leaning left"; above: "leaning right"; between: "upright"
 THIN, THICK = 1.7, 2.2  # thickness (pixels) below: "thin"; above: "thick"; between: no word
 VOCABULARY = ("<pad>", "<start>", "a", "thin", "thick", *DIGIT_WORDS, "leaning", "left", "right", "upright")
+THICKNESS_CHOICES = ("thin", "", "thick")  # the words thickness_word gives ("": neither)
+SLANT_CHOICES = ("leaning left", "upright", "leaning right")
 CAPTION_LENGTH = 6  # tokens: <start> a thick seven leaning right
 
 
@@ -64,6 +66,22 @@ def thickness_word(thickness: float) -> str:
     if thickness < THIN:
         return "thin"
     return "thick" if thickness > THICK else ""
+
+
+def word_agreement(images: torch.Tensor, thickness: str | None = None, slant: str | None = None) -> float:
+    """The fraction of images whose measured thickness word (and / or slant word) is the one asked for: how well
+    samples obey a prompt's attribute words. Pass the words as in `caption` ("thick", "leaning right", ...)."""
+    if thickness is None and slant is None:
+        raise ValueError("ask for a thickness word, a slant word or both")
+    for name, word, words in (("thickness", thickness, THICKNESS_CHOICES), ("slant", slant, SLANT_CHOICES)):
+        if word is not None and word not in words:
+            raise ValueError(f"{name}={word!r} is not a {name} word; valid: {', '.join(map(repr, words))}")
+    agree = torch.ones(len(images), dtype=torch.bool)
+    if thickness is not None:
+        agree &= torch.tensor([thickness_word(value) == thickness for value in measure_thickness(images).tolist()])
+    if slant is not None:
+        agree &= torch.tensor([slant_word(value) == slant for value in measure_slant(images).tolist()])
+    return agree.double().mean().item()
 
 
 def caption(digit: int | None, thickness: str = "", slant: str = "") -> str:

@@ -15,6 +15,9 @@ Figures:
     latent       pixel against latent diffusion (chapter 6): cost per call and per image, FID, 500 DDIM-50 each
     flow         the flow-matching model (Euler, Heun) against the eps model (DDIM) at 5-50 network calls: FID and
                  confident fraction of 500 samples each, from the same noise (also data/benchmarks/flow.json)
+    captions     the caption model: does each word of a prompt do what it says (digit accuracy, thickness and slant
+                 words measured on the samples, a negative prompt), n samples per prompt set (also
+                 data/benchmarks/captions.json, which chapter 7 shows)
     guidance     the class-conditional model under classifier-free guidance, w = 0..8: conditional accuracy, FID,
                  spread within classes, 500 DDIM-20 samples per w (also data/benchmarks/guidance.json, which
                  chapter 7 plots)
@@ -43,6 +46,7 @@ from course_lib.benchmark import (
     save_results,
     training_images_per_second,
 )
+from course_lib.captions import SLANT_CHOICES, caption, measure_thickness, tokenize, word_agreement
 from course_lib.data import load_digits
 from course_lib.forward import q_sample
 from course_lib.guidance import guided_samples
@@ -281,6 +285,50 @@ def guidance(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
     ]
 
 
+CAPTION_SCALE = 3.0  # the guidance scale of every caption prompt (chapter 7)
+
+
+def captions(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
+    """Every prompt set asks for each digit n / 10 times: "a seven", "a thick seven", "a seven leaning left", ...;
+    the samples' digits are read by the classifier and their words measured (`captions.word_agreement`). The
+    negative prompt "a thick" replaces the empty caption for plain digit prompts."""
+    name = "unet_mnist_text"
+    card, model, classifier = load_card(name), load_model(name), load_digit_classifier()
+    schedule, digits = make_schedule(**card["schedule"]), torch.arange(n) % 10
+
+    def sample(words: dict, negative: str = "") -> torch.Tensor:
+        prompts = [caption(digit, **words) for digit in digits.tolist()]
+        return guided_samples(model, schedule, tokenize(prompts), tokenize([negative]), CAPTION_SCALE, steps)[0]
+
+    results = {"model": name, "model_status": card["training"]["status"], "machine": describe_machine()}
+    results.update({"date": str(date.today()), "n": n, "steps": steps, "scale": CAPTION_SCALE, "prompts": []})
+    asks = [{}, {"thickness": "thin"}, {"thickness": "thick"}, *({"slant": word} for word in SLANT_CHOICES)]
+    for words, negative in [(ask, "") for ask in asks] + [({}, "a thick")]:
+        samples = sample(words, negative)
+        row = {"words": words, "negative": negative, "digit_accuracy": class_accuracy(classifier, samples, digits)}
+        row["word_agreement"] = word_agreement(samples, **words) if words else None
+        row["thickness"] = measure_thickness(samples).mean().item()
+        results["prompts"].append(row)
+        save_results("captions", results)
+        print(f"{words} (negative {negative!r}): digit accuracy {row['digit_accuracy']:.3f}", flush=True)
+    rows = []
+    for row in results["prompts"]:
+        prompt = caption(7, **row["words"]).replace("seven", "DIGIT")
+        agreement = f"{row['word_agreement']:.3f}" if row["word_agreement"] is not None else "-"
+        negative = f"`{row['negative']}`" if row["negative"] else ""
+        rows.append(f"| `{prompt}` | {negative} | {row['digit_accuracy']:.3f} | {agreement} | {row['thickness']:.2f} |")
+    return [
+        f"Model `{name}` ({card['training']['status']}); per prompt {n} DDIM-{steps} samples ({n // 10} of each "
+        f"digit), guidance scale {CAPTION_SCALE}; digit accuracy by the classifier, word agreement = the fraction of "
+        "samples whose measured thickness / slant word is the one asked for (`course_lib.captions`). Also written "
+        "to `data/benchmarks/captions.json`.",
+        "",
+        "| prompt | negative prompt | digit accuracy | word agreement | mean thickness |",
+        "|---|---|---:|---:|---:|",
+        *rows,
+    ]
+
+
 FLOW_CALLS = (5, 10, 20, 50)
 
 
@@ -329,8 +377,9 @@ FIGURES = {
     "latent": latent,
     "guidance": guidance,
     "flow": flow,
+    "captions": captions,
 }
-SAMPLED = ("samplers", "latent", "guidance", "flow")  # the figures that take --samples
+SAMPLED = ("samplers", "latent", "guidance", "flow", "captions")  # the figures that take --samples
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from course_lib.captions import (
     measure_thickness,
     random_captions,
     tokenize,
+    word_agreement,
 )
 from course_lib.data import load_digits
 from course_lib.guidance import Guided
@@ -35,6 +36,19 @@ def test_slant_is_the_shear_of_the_ink():
     assert measure_slant(bar(3, shear=0.4)).item() == pytest.approx(0.4, abs=0.03)
     assert measure_slant(bar(3, shear=-0.3)).item() == pytest.approx(-0.3, abs=0.03)
     assert measure_slant(-torch.ones(1, 1, 28, 28)).item() == 0  # blank
+
+
+def test_word_agreement_counts_the_images_whose_measured_words_match():
+    # widths 1 and 4: thickness 0.95 ("thin") and 3.33 ("thick"); shear 0.4 leans right, 0 is upright
+    images = torch.cat([bar(1), bar(4), bar(4, shear=0.4), bar(1, shear=0.4)])
+    assert word_agreement(images, thickness="thick") == 0.5
+    assert word_agreement(images, slant="leaning right") == 0.5
+    assert word_agreement(images, thickness="thick", slant="leaning right") == 0.25
+    assert word_agreement(images, thickness="thin", slant="upright") == 0.25
+    with pytest.raises(ValueError, match="thickness='bold' is not a thickness word"):
+        word_agreement(images, thickness="bold")
+    with pytest.raises(ValueError, match="ask for a thickness word, a slant word or both"):
+        word_agreement(images)
 
 
 def test_thickness_grows_with_the_stroke_width():
