@@ -62,7 +62,7 @@ PROFILES = {
         inversion_images=2,
         vae_digits=200,
         lora_train_steps=2,
-        style_samples=8,
+        style_samples=20,  # two of each digit: the spread within classes needs two
     ),
     "cpu": Profile(
         "cpu",

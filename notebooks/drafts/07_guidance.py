@@ -39,12 +39,12 @@ import matplotlib.pyplot as plt
 import torch
 
 from course_lib.benchmark import load_results
-from course_lib.captions import caption, measure_slant, measure_thickness, tokenize
+from course_lib.captions import caption, describe, measure_slant, measure_thickness, tokenize, word_agreement
+from course_lib.data import load_digits
 from course_lib.guidance import Guided, cfg_combine, guided_samples
-from course_lib.metrics import class_accuracy, class_histogram, class_spread, load_digit_classifier
+from course_lib.metrics import class_accuracy, class_spread, load_digit_classifier
 from course_lib.plotting import show_images
 from course_lib.profiles import get_device, get_profile
-from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
 from course_lib.weights import load_card, load_model
 
@@ -197,35 +197,77 @@ for scale, (accuracy, spread) in live_scores.items():
 # ## 4. Captions and cross-attention
 #
 # Captions are made from what can be measured: the digit, its stroke thickness and its slant
-# (`course_lib.captions`). The text-conditioned model reads the tokens through a two-layer Transformer and
-# cross-attention at 7 x 7.
+# (`course_lib.captions`; the words come from fixed thresholds on the measures). Each training digit's caption is
+# built from its own measurements, with each part left out 30% of the time and the whole caption 10% (the empty
+# caption is the "no condition" of guidance), so the model also learns "a thick", "leaning left" on their own:
+#
+# The text-conditioned model reads the tokens through a two-layer Transformer and cross-attention at 7 x 7:
+# queries from the image, keys and values from the tokens, exactly the pathway of Stable Diffusion's prompts.
 
 # %%
+digits, digit_labels = load_digits("train")
+print("captions of the first train digits:", describe(digits[:4], digit_labels[:4]))
+text_card = load_card("unet_mnist_text")
 text_model = load_model("unet_mnist_text", device)
-prompts = [caption(7, "thick", "leaning right"), caption(7, "thin", "leaning left"), caption(2, "", "upright")]
-empty = tokenize([""]).to(device)
-for prompt in prompts:
-    tokens = tokenize([prompt]).to(device)
-    x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
-    images = ddim_sample(Guided(text_model, tokens, empty, 3.0), schedule, x_T, profile.sample_steps, clip_x0=True)[0]
-    images = images.clamp(-1, 1).cpu()
+text_schedule = make_schedule(**text_card["schedule"])
+print(text_card["training"]["status"], "|", text_card["condition"])
+empty = tokenize([""])
+asked = torch.arange(n) % 10
+
+
+def prompt_samples(words: dict, negative: str = "") -> torch.Tensor:
+    """n samples of the prompts "a [words] DIGIT [words]" for each digit in turn, guided at w = 3."""
+    prompts = tokenize([caption(digit, **words) for digit in asked.tolist()])
+    return guided_samples(
+        text_model, text_schedule, prompts, tokenize([negative]), 3.0, profile.sample_steps, device=device
+    )[0]
+
+
+shown = {}
+for words in ({}, {"thickness": "thick"}, {"thickness": "thin"}, {"slant": "leaning left"}, {"slant": "leaning right"}):
+    samples = prompt_samples(words)
+    shown[caption(None, **words) or "(digit only)"] = samples
+    agreement = f", {word_agreement(samples, **words):.0%} have the asked-for word" if words else ""
     print(
-        f"{prompt!r}: digit {class_histogram(classifier, images).argmax().item()}, "
-        f"thickness {measure_thickness(images).mean():.2f}, slant {measure_slant(images).mean():.2f}"
+        f"{caption(7, **words).replace('seven', 'DIGIT')!r}: digit accuracy "
+        f"{class_accuracy(classifier, samples, asked):.0%}{agreement}, thickness "
+        f"{measure_thickness(samples).mean():.2f}, slant {measure_slant(samples).mean():.2f}"
+    )
+fig, axes = plt.subplots(1, len(shown), figsize=(15, 2.4))
+for ax, (title, samples) in zip(axes, shown.items(), strict=True):
+    show_images(samples[:20], nrow=10, ax=ax, title=title)
+plt.show()
+
+# %% [markdown]
+# `python scripts/bench.py captions` measured the same on more samples per prompt:
+
+# %%
+prompt_bench = load_results("captions")
+print(f"benchmark: {prompt_bench['n']} samples per prompt set, model {prompt_bench['model_status']}")
+for row in prompt_bench["prompts"]:
+    agreement = f"{row['word_agreement']:.0%}" if row["word_agreement"] is not None else "  - "
+    print(
+        f"  {caption(7, **row['words']).replace('seven', 'DIGIT')!r:28s} negative {row['negative']!r:10s}: digit "
+        f"accuracy {row['digit_accuracy']:.0%}, word agreement {agreement}, thickness {row['thickness']:.2f}"
     )
 
 # %% [markdown]
 # ## 5. Negative prompts
 #
-# Put a caption in the place of "no condition": guidance then pushes away from it. "a seven" with the negative
-# prompt "thick" should give thinner sevens than "a seven" alone.
+# In the guidance formula the unconditional prediction is the point guidance pushes away from. Put a caption
+# there, $\hat\epsilon = \epsilon(x_t, \text{neg}) + w\,(\epsilon(x_t, c) - \epsilon(x_t, \text{neg}))$, and the
+# samples move away from what the negative caption describes. Diffusers' `negative_prompt` is exactly this. Plain
+# digit prompts with the negative prompt "a thick", from the same noise as above:
 
 # %%
-seven = tokenize(["a seven"]).to(device)
-for negative in ("", "a thick"):
-    guided = Guided(text_model, seven, tokenize([negative]).to(device), 3.0)
-    images = ddim_sample(guided, schedule, x_T, profile.sample_steps, clip_x0=True)[0].clamp(-1, 1).cpu()
-    print(f"negative prompt {negative!r}: thickness {measure_thickness(images).mean():.2f}")
+pushed = prompt_samples({}, negative="a thick")
+plain = shown["(digit only)"]
+print(
+    f"thickness: no negative prompt {measure_thickness(plain).mean():.2f}, negative 'a thick' "
+    f"{measure_thickness(pushed).mean():.2f}; digit accuracy {class_accuracy(classifier, pushed, asked):.0%}"
+)
+show_images(torch.cat([plain[:10], pushed[:10]]), nrow=10, title="the same noise: no negative prompt / 'a thick'")
+plt.show()
 
 # %% [markdown]
 # ## Recap
