@@ -3,13 +3,15 @@
     python scripts/train_lora.py --style bold                 LoRA fine-tune, export data/lora_bold.{safetensors,json}
     python scripts/train_lora.py --style slant                the same for slanted digits
     python scripts/train_lora.py --style bold --compare       also a full fine-tune of the same steps; measure both
+    python scripts/train_lora.py --style bold --report        rewrite docs/benchmarks.md's section from the saved
+                                                              comparison (data/benchmarks/lora_bold.json)
 
 The style data are 500 train digits made bold (`course_lib.styles.embolden`) or slanted (`shear`, 0.4). Both runs
 start from data/unet_mnist_eps and train with `course_lib.train.train` (same steps, batch, seed); LoRA trains only
 rank-4 adapters on the attention projections and the second conv of every residual block (about 2% of the
 parameters), the full fine-tune trains everything. The style measure is the mean stroke thickness (bold) or slant
 (slant) of 200 DDIM-20 samples, against the base model's samples and the style data; with --compare the numbers
-and both wall times go to data/benchmarks/lora_STYLE.json and stdout.
+and both wall times go to data/benchmarks/lora_STYLE.json, stdout and docs/benchmarks.md.
 """
 
 import argparse
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from course_lib.benchmark import draw_samples, save_results
+from course_lib.benchmark import draw_samples, load_results, save_results
 from course_lib.captions import measure_slant, measure_thickness
 from course_lib.data import data_dir, load_digits, record_sha256
 from course_lib.lora import inject_lora, mark_only_lora_trainable, save_lora
@@ -69,13 +71,52 @@ def fine_tune(style: str, lora: bool, steps: int | None = None) -> tuple[torch.n
     return ema.model, {"trainable_parameters": trainable, "share": trainable / full_parameters, "seconds": seconds}
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import replace_section  # noqa: E402
+
+REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def report(style: str) -> None:
+    """The comparison saved by --compare, as docs/benchmarks.md's section lora:STYLE."""
+    results, card = load_results(f"lora_{style}"), load_card(f"lora_{style}")
+    lora, full = results["lora"], results["full"]
+    rows = [
+        f"| {name} | {run['trainable_parameters']:,d} ({run['share']:.1%}) | {run['seconds'] / 60:.1f} | "
+        f"{run['measure']:.3f} |"
+        for name, run in (("LoRA, rank 4", lora), ("full fine-tune", full))
+    ]
+    lines = [
+        f"### LoRA: {style}",
+        "",
+        f"Measured with `{card['training']['command']}` on {results['machine']} (each run's wall time as it "
+        "happened; another job may have shared the machine). Both runs: "
+        f"{card['training']['steps']} steps of batch {card['training']['batch_size']} "
+        f"on {card['training']['data']}, from `{card['base']}`; the measure ({results['measure']}) of "
+        f"{SAMPLES} DDIM-{SAMPLE_STEPS} samples. Base model {results['base']:.3f}, style data {results['data']:.3f}.",
+        "",
+        f"| run | trainable parameters | wall min | {results['measure']} |",
+        "|---|---:|---:|---:|",
+        *rows,
+        "",
+        f"- LoRA moves the measure **{results['lora_reach']:.0%}** as far as the full fine-tune (target >= 90%), in "
+        f"{lora['seconds'] / full['seconds']:.0%} of its wall time; trainable share **{lora['share']:.1%}** (target "
+        f"<= 3%), adapter file **{card['file_share']:.1%}** of the base model's (target <= 5%).",
+    ]
+    replace_section(REPORT, f"lora:{style}", lines)
+    print(f"lora_{style}: written to {REPORT.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--style", choices=sorted(STYLES), required=True)
     parser.add_argument("--compare", action="store_true", help="also run a full fine-tune and measure both")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--steps", type=int, help="override the number of steps (a quick check; not for export)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the docs section from saved results")
     args = parser.parse_args()
+    if args.report:
+        return report(args.style)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = f"lora_{args.style}"
@@ -122,6 +163,8 @@ def main() -> None:
             f"full fine-tune {full_run['measure']:.3f} in {full_run['seconds']:.0f} s; LoRA {lora_run['seconds']:.0f} s"
         )
         print(f"LoRA reaches {reach:.0%} of the full fine-tune's change of the style measure")
+        if not args.steps:
+            report(args.style)
 
 
 if __name__ == "__main__":
