@@ -80,8 +80,8 @@ PROFILES = {
         step_counts=(5, 10, 20, 50, 100),
         inversion_images=8,
         vae_digits=1000,
-        lora_train_steps=150,
-        style_samples=128,
+        lora_train_steps=100,
+        style_samples=100,
     ),
     "gpu": Profile(
         "gpu",

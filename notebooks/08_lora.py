@@ -1,0 +1,334 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %%
+# Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    repo = "https://github.com/diffusion-course/diffusion-course"
+    if not os.path.isdir("diffusion-course"):
+        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
+    os.chdir("diffusion-course/notebooks")
+    sys.path.insert(0, os.path.abspath(".."))
+
+
+# %% [markdown]
+# # Chapter 8: LoRA, fine-tuning with a few thousand parameters
+#
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/08_lora.ipynb)
+#
+# Chapter 4's digit model took hours of CPU. To teach it a new style (bold strokes, a slant) we could fine-tune all
+# 1.9M parameters, and ship another 3.8 MB. LoRA (Hu et al. 2021) freezes the model and learns a low-rank update
+# beside some of its layers: about 2% of the parameters, a file of a few percent of the model's, and the style can be
+# dialled up, down, combined with another and folded into the weights.
+#
+# By the end of this chapter you can:
+#
+# 1. write a LoRA layer for Linear and Conv2d and say why it starts as the original layer;
+# 2. count what it trains and stores;
+# 3. fine-tune the shipped model to a measurable style and measure how far it moved;
+# 4. scale, combine, merge and unmerge adapters, and check that merging changes no output;
+# 5. do the same with peft in a few lines, and check that both agree.
+
+# %%
+import copy
+import time
+
+import matplotlib.pyplot as plt
+import torch
+from peft import LoraConfig, get_peft_model
+
+from course_lib.benchmark import draw_samples, load_results
+from course_lib.captions import measure_slant, measure_thickness
+from course_lib.data import data_dir, load_digits
+from course_lib.lora import (
+    LoRALayer,
+    inject_lora,
+    load_lora,
+    mark_only_lora_trainable,
+    merge_lora,
+    set_lora_scale,
+    unmerge_lora,
+)
+from course_lib.plotting import plot_losses, show_images
+from course_lib.profiles import get_device, get_profile
+from course_lib.schedules import make_schedule
+from course_lib.styles import embolden
+from course_lib.train import TrainConfig, train
+from course_lib.weights import load_card, load_model
+
+profile = get_profile()
+device = get_device()
+torch.set_num_threads(1)
+plt.rcParams["figure.dpi"] = 80
+print(f"profile: {profile.name} | device: {device} | live LoRA steps: {profile.lora_train_steps}", end=" | ")
+print(f"digits per style measure: {profile.style_samples}")
+
+card = load_card("unet_mnist_eps")
+schedule = make_schedule(card["schedule"]["name"], card["schedule"]["T"])
+
+# %% [markdown]
+# ## 1. A low-rank update beside a frozen layer
+#
+# A Linear layer computes $W x$ with $W \in \mathbb R^{out \times in}$. LoRA adds $\frac{\alpha}{r} B A x$ with
+# $A \in \mathbb R^{r \times in}$, $B \in \mathbb R^{out \times r}$ and a small rank $r$: $r (in + out)$ trainable
+# numbers instead of $in \cdot out$. $A$ starts random and $B$ at zero, so the layer starts as it was; $\alpha/r$
+# keeps the update's size comparable across ranks. Written out, against `course_lib.lora.LoRALayer`:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+base = torch.nn.Linear(96, 288)  # the shape of the shipped UNet's attention qkv projection
+layer = LoRALayer(copy.deepcopy(base))
+layer.add_adapter("default", rank=4, alpha=4.0)
+with torch.no_grad():
+    layer.lora_B["default"].weight.normal_()  # as if trained: B is no longer zero
+A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+x = torch.randn(5, 96)
+by_hand = base(x) + (4.0 / 4) * x @ A.T @ B.T
+print("equal to LoRALayer:", torch.allclose(layer(x), by_hand, atol=1e-5))
+n_lora, n_base = A.numel() + B.numel(), base.weight.numel()
+print(f"trainable: {n_lora} of {n_base} weights ({n_lora / n_base:.1%})")
+
+# %% [markdown]
+# ## 2. The style: bold digits
+#
+# `course_lib.styles.embolden` thickens every stroke of 500 train digits; `measure_thickness` (chapter 7) says by
+# how much. The shipped model's own samples are the starting point.
+
+# %%
+digits = load_digits("train")[0][:500]
+bold = embolden(digits)
+show_images(torch.cat([digits[:8], bold[:8]]), nrow=8, title="train digits / made bold")
+plt.show()
+base_model = load_model("unet_mnist_eps", device)
+base_samples, _ = draw_samples(base_model, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
+print(
+    f"mean stroke thickness: digits {measure_thickness(digits).mean():.2f}, bold {measure_thickness(bold).mean():.2f}, "
+    f"base model's samples {measure_thickness(base_samples).mean():.2f}"
+)
+
+# %% [markdown]
+# ## 3. A LoRA fine-tune, live
+#
+# Rank-4 adapters on the attention projections (`qkv`, `out`) and the second convolution of every residual block
+# (`conv2`); everything else frozen. `profile.lora_train_steps` steps of the usual loop.
+
+# %%
+model = load_model("unet_mnist_eps", device)
+wrapped = inject_lora(model, ["qkv", "out", "conv2"], rank=4, alpha=4.0)
+trainable = mark_only_lora_trainable(model)
+total = sum(p.numel() for p in model.parameters())
+print(f"{len(wrapped)} layers wrapped; {trainable:,d} of {total:,d} parameters train ({trainable / total:.1%})")
+config = TrainConfig(
+    steps=profile.lora_train_steps, batch_size=32, lr=2e-3, warmup=10, ema_decay=None, min_snr_gamma=5.0
+)
+start = time.perf_counter()
+state, _ = train(model, schedule, bold.to(device), config, progress=False)
+print(f"{config.steps} steps in {time.perf_counter() - start:.0f} s")
+plot_losses(state.losses, window=max(1, config.steps // 10))
+plt.show()
+samples, _ = draw_samples(model.eval(), schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
+print(f"mean stroke thickness after the live fine-tune: {measure_thickness(samples).mean():.2f}")
+
+# %% [markdown]
+# ## 4. The shipped adapters: a dial, a pair, a merge
+#
+# `scripts/train_lora.py` trained longer adapters for two styles. The user scale $s$ multiplies the update:
+# 0 is the base model, 1 the adapter as trained; in between the style moves continuously.
+
+# %%
+styled = load_model("unet_mnist_eps", device)
+load_lora(styled, data_dir() / "lora_bold.safetensors", adapter="bold")
+with torch.no_grad():  # at scale 0 the adapter is switched off: the base model, output for output
+    probe_x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
+    probe_t = torch.tensor([50, 300, 600, 900], device=device)
+    set_lora_scale(styled, 0.0, adapter="bold")
+    print("scale 0 is the base model:", torch.allclose(styled(probe_x, probe_t), base_model(probe_x, probe_t)))
+
+
+def style_of(model: torch.nn.Module) -> tuple[float, float]:
+    """Mean stroke thickness and slant of the model's samples (the same noise for every call)."""
+    images, _ = draw_samples(model, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
+    return measure_thickness(images).mean().item(), measure_slant(images).mean().item()
+
+
+base_style = (measure_thickness(base_samples).mean().item(), measure_slant(base_samples).mean().item())
+scales, thickness = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25], [base_style[0]]
+for scale in scales[1:]:
+    set_lora_scale(styled, scale, adapter="bold")
+    thickness.append(style_of(styled)[0])
+plt.plot(scales, thickness, "o-")
+plt.xlabel("LoRA scale s")
+plt.ylabel("mean stroke thickness")
+plt.show()
+
+# %% [markdown]
+# Two adapters sit side by side in the same layers, each with its own scale; their updates add up. Bold alone was
+# measured above, slant alone and both together here:
+
+# %%
+load_lora(styled, data_dir() / "lora_slant.safetensors", adapter="slant")
+set_lora_scale(styled, 0.0, adapter="bold")
+slant_style = style_of(styled)
+set_lora_scale(styled, 1.0, adapter="bold")
+both_style = style_of(styled)
+print(f"base:         thickness {base_style[0]:.2f}, slant {base_style[1]:.2f}")
+print(f"bold:         thickness {thickness[scales.index(1.0)]:.2f}")
+print(f"slant:        thickness {slant_style[0]:.2f}, slant {slant_style[1]:.2f}")
+print(f"bold + slant: thickness {both_style[0]:.2f}, slant {both_style[1]:.2f}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+xt, t = (
+    torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device),
+    torch.tensor([50, 300, 600, 900]),
+)
+with torch.no_grad():
+    before = styled(xt, t.to(device))
+    merge_lora(styled)
+    merged = styled(xt, t.to(device))
+    unmerge_lora(styled)
+    after = styled(xt, t.to(device))
+print("merging changes no output (to 1e-4):", bool((merged - before).abs().max() < 1e-4))
+print("unmerging gives the adapters back (to 1e-5):", bool((after - before).abs().max() < 1e-5))
+
+# %% [markdown]
+# ## 5. LoRA against a full fine-tune
+#
+# `python scripts/train_lora.py --style bold --compare` fine-tuned every weight for the same steps:
+
+# %%
+compare = load_results("lora_bold")
+print(f"thickness: base {compare['base']:.2f}, style data {compare['data']:.2f}")
+lora_run = compare["lora"]
+print(f"LoRA ({lora_run['share']:.1%} of the parameters): {lora_run['measure']:.2f} in {lora_run['seconds']:.0f} s")
+print(f"full fine-tune: {compare['full']['measure']:.2f} in {compare['full']['seconds']:.0f} s")
+print(f"LoRA reaches {compare['lora_reach']:.0%} of the full fine-tune's change")
+
+# %% [markdown]
+# ## 6. The same with peft
+#
+# peft's `LoraConfig` names the same things: rank `r`, `lora_alpha`, `target_modules`. Its layers keep the frozen
+# layer as `base_layer` and the adapters as `lora_A.<name>` / `lora_B.<name>`, as ours do, so weights move over.
+# The experiment of section 3 through peft: the same base model, the same initial adapters (ours copied in), the
+# same loop, data and seed. The two runs' losses are the same, step for step:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+targets = ["qkv", "out", "conv2"]
+ours = load_model("unet_mnist_eps", device)
+inject_lora(ours, targets, rank=4, alpha=4.0)
+mark_only_lora_trainable(ours)
+peft_model = get_peft_model(load_model("unet_mnist_eps", device), LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+peft_model.load_state_dict({f"base_model.model.{k}": v for k, v in ours.state_dict().items()})
+peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+print("trainable parameters, peft and ours:", peft_trainable == trainable)
+side_by_side = TrainConfig(**{**config.__dict__, "steps": min(10, profile.lora_train_steps), "warmup": 2})
+ours_state, _ = train(ours, schedule, bold.to(device), side_by_side, progress=False)
+peft_state, _ = train(peft_model, schedule, bold.to(device), side_by_side, progress=False)
+print(
+    "the same losses, step for step:", torch.allclose(torch.tensor(ours_state.losses), torch.tensor(peft_state.losses))
+)
+
+# %% [markdown]
+# And the shipped adapter, loaded into a peft model, gives our outputs:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shipped = load_model("unet_mnist_eps", device)
+load_lora(shipped, data_dir() / "lora_bold.safetensors")
+peft_model.load_state_dict({f"base_model.model.{k}": v for k, v in shipped.state_dict().items()})
+with torch.no_grad():
+    agree = torch.allclose(peft_model(xt, t.to(device)), shipped(xt, t.to(device)), atol=1e-5)
+print("peft and course_lib agree on the shipped adapter:", bool(agree))
+
+# %% [markdown]
+# ## Recap
+#
+# - LoRA freezes a layer $W$ and learns $\frac{\alpha}{r} B A$ beside it; $B = 0$ at the start, so the model starts
+#   as it was. For a convolution, $A$ is a convolution to $r$ channels with the layer's kernel and $B$ a 1 x 1 back.
+# - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves most of
+#   the way a full fine-tune moves it (section 5, measured).
+# - The user scale dials the style continuously; adapters add up; merging folds $W + s\frac{\alpha}{r} B A$ into
+#   the weights, changing no output, and unmerging takes it out again.
+# - peft does the same with the same names; our adapters load into a peft model and give the same outputs.
+#
+# ## Exercises
+#
+# **Exercise 1.** How many parameters does a rank-$r$ adapter add to `nn.Conv2d(c_in, c_out, k)`? Write
+# `conv_lora_parameters(c_in, c_out, k, r)` and check it against a `LoRALayer` around the shipped model's first
+# `conv2`.
+
+
+# %%
+# reference solution: replace with your own
+def conv_lora_parameters(c_in: int, c_out: int, k: int, r: int) -> int:
+    return r * c_in * k * k + c_out * r  # A: c_in -> r with the k x k kernel; B: r -> c_out, 1 x 1
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+conv = next(m for name, m in load_model("unet_mnist_eps").named_modules() if name.endswith("conv2"))
+wrapped_conv = LoRALayer(copy.deepcopy(conv))
+wrapped_conv.add_adapter("default", rank=4, alpha=4.0)
+counted = sum(p.numel() for p in [*wrapped_conv.lora_A.parameters(), *wrapped_conv.lora_B.parameters()])
+expected = conv_lora_parameters(conv.in_channels, conv.out_channels, conv.kernel_size[0], 4)
+assert counted == expected, f"{expected} by the formula, {counted} in the layer"
+print("exercise 1: correct")
+
+# %% [markdown]
+# **Exercise 2.** Merging replaces $W$ by $W + s\,\frac{\alpha}{r} B A$. Compute the merged weight of the Linear
+# layer of section 1 by hand, at scale $s = 0.5$, and compare it with what `LoRALayer.merge` writes into
+# `base_layer.weight`.
+
+
+# %%
+# reference solution: replace with your own
+def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, r: int, s: float) -> torch.Tensor:
+    return W + s * (alpha / r) * B @ A
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+by_hand = merged_weight(base.weight, A, B, alpha=4.0, r=4, s=0.5)
+layer.scale["default"] = 0.5
+with torch.no_grad():
+    layer.merge()
+assert torch.allclose(layer.base_layer.weight, by_hand, atol=1e-6), "not the merged weight"
+layer.unmerge()
+print("exercise 2: correct")
+
+# %% [markdown]
+# **Exercise 3.** For one LoRA layer the output is affine in the scale $s$. Show it: the output at $s = 0.5$ is the
+# mean of the outputs at $s = 0$ and $s = 1$. (For the whole UNet it is not: the layers are chained through
+# non-linearities. Section 4's curve is nevertheless smooth.)
+
+
+# %%
+# reference solution: replace with your own
+def output_at(scale: float) -> torch.Tensor:
+    layer.scale["default"] = scale
+    with torch.no_grad():
+        return layer(x)
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+assert torch.allclose(output_at(0.5), (output_at(0.0) + output_at(1.0)) / 2, atol=1e-5), "not affine in s"
+print("exercise 3: correct")
