@@ -206,7 +206,7 @@ def draw_flow_samples(
     clamping as `draw_samples` with the same seed, so a flow model and an eps model can be compared sample for
     sample."""
     check_choice("solver", solver, FLOW_SOLVERS)
-    solve = {"euler": euler_flow_sample, "heun": heun_flow_sample}[solver]
+    solve = heun_flow_sample if solver == "heun" else euler_flow_sample
     return _draw_in_batches(lambda x_T, _: solve(model, x_T, steps)[0], n, seed, batch_size, device, IMAGE_SHAPE)
 
 
