@@ -138,19 +138,25 @@ def run_sampler(
     steps: int,
     generator: torch.Generator | None = None,
     clip_x0: bool | float = True,
+    use_clipped_model_output: bool = False,
 ) -> torch.Tensor:
     """One sampler of the family from x_T with `steps` model calls per sample (x0_hat clipped to [-1, 1]; see the
     module docstring; DDIM also takes a range r, clipping to [-r, r], as scaled latents need). generator feeds
-    DDPM's per-step noise; the other samplers are deterministic."""
+    DDPM's per-step noise; the other samplers are deterministic. use_clipped_model_output (DDIM only, see
+    `ddim_step`) re-derives the noise from the clipped x0_hat, as guided sampling needs."""
     check_choice("sampler", sampler, SAMPLERS)
     if not isinstance(clip_x0, bool) and sampler != "DDIM":
         raise ValueError(f"a clip range ({clip_x0!r}) is for DDIM only; {sampler} takes clip_x0=True or False")
+    if use_clipped_model_output and sampler != "DDIM":
+        raise ValueError(f"use_clipped_model_output is for DDIM only; got sampler {sampler!r}")
     if sampler == "DDPM":
         if steps != schedule.T:
             raise ValueError(f"DDPM visits every timestep: steps must be T={schedule.T}; got steps={steps}")
         return ddpm_sample(model, schedule, x_T, generator, clip_x0=clip_x0)[0]
     if sampler == "DDIM":
-        return ddim_sample(model, schedule, x_T, steps, clip_x0=clip_x0)[0]
+        return ddim_sample(
+            model, schedule, x_T, steps, clip_x0=clip_x0, use_clipped_model_output=use_clipped_model_output
+        )[0]
     if sampler == "DPM-Solver++(2M)":
         return dpm_solver_sample(model, schedule, x_T, steps, clip_x0=clip_x0)[0]
     return euler_sample(model, schedule, x_T, steps, clip_x0=clip_x0)[0]
@@ -169,12 +175,13 @@ def draw_samples(
     decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
     shape: tuple[int, ...] = IMAGE_SHAPE,
     clip_x0: bool | float = True,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """n digits from one sampler with `steps` model calls each, in batches, and the wall time in seconds.
 
     A latent model samples x_T of `shape` (for example (4, 7, 7)) with its own clip range (`clip_x0`, see
-    `run_sampler`), and `decoder` (timed too) turns its samples into digits: for latent diffusion,
-    z0 -> vae.decode(z0 / scaling_factor).
+    `run_sampler`, as for `use_clipped_model_output`), and `decoder` (timed too) turns its samples into digits: for
+    latent diffusion, z0 -> vae.decode(z0 / scaling_factor).
 
     batch_size 50: on one CPU thread the shipped UNet's forward ran at about 125 digits/s in batches of 16-50 and
     90 in batches of 250 (activations that fit in the cache); a GPU would take larger batches.
@@ -186,7 +193,7 @@ def draw_samples(
     check_choice("sampler", sampler, SAMPLERS)
 
     def sample_batch(x_T: torch.Tensor, step_generator: torch.Generator) -> torch.Tensor:
-        return run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0)
+        return run_sampler(sampler, model, schedule, x_T, steps, step_generator, clip_x0, use_clipped_model_output)
 
     return _draw_in_batches(sample_batch, n, seed, batch_size, device, shape, decoder)
 

@@ -102,6 +102,7 @@ def ddim_step(
     eta: float = 0.0,
     prediction_type: str = "eps",
     clip_x0: bool | float = False,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""One DDIM step $x_t \to x_{t_{next}}$ (Song et al. 2021, eq. 12, with $\bar\alpha$ for their $\alpha$):
 
@@ -120,6 +121,10 @@ def ddim_step(
     with `clip_sample=clip_x0` and `variance_noise=noise` when t_next = t - T // steps (what diffusers steps to).
     clip_x0=True clamps x0_hat to [-1, 1], the pixel range; a number r clamps it to [-r, r] (diffusers'
     `clip_sample_range`), for data such as scaled latents that reach beyond 1.
+    use_clipped_model_output=True (diffusers' option of the same name) re-derives the noise from the clamped
+    x0_hat, $\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0) / \sqrt{1 - \bar\alpha_t}$, so that the
+    step's two terms agree. It changes little for a plain model, and a lot under strong guidance, whose
+    extrapolated noise is far from any the network was trained on (chapter 7 measures it).
     """
     check_clip(clip_x0)
     if not 0 <= eta <= 1:
@@ -137,8 +142,13 @@ def ddim_step(
         x0_hat, eps_hat = xt, model_output
     else:
         x0_hat, eps_hat = split_prediction(schedule, xt, t, model_output, prediction_type)
+    if use_clipped_model_output and not clip_x0:
+        raise ValueError("use_clipped_model_output=True re-derives the noise from a clipped x0_hat: set clip_x0")
     if clip_x0:
         x0_hat = x0_hat.clamp(-float(clip_x0), float(clip_x0))
+        if use_clipped_model_output:
+            alpha_bar_t = _alpha_bar(schedule, t, xt)
+            eps_hat = (xt - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
     # 2. the standard deviation of the added noise (eq. 16), zero at eta = 0 (where it can be 0 / 0 when inverting)
     alpha_bar_t, alpha_bar_next = _alpha_bar(schedule, t, xt), _alpha_bar(schedule, t_next, xt)
     std = torch.zeros_like(alpha_bar_t)
@@ -166,6 +176,7 @@ def ddim_sample(
     spacing: str = "trailing",
     clip_x0: bool | float = False,
     record_every: int = 0,
+    use_clipped_model_output: bool = False,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """Run `ddim_step` from x_T (pure noise) through `spaced_timesteps(T, steps, spacing)` down to a sample of x0.
 
@@ -187,7 +198,9 @@ def ddim_sample(
         model_output = model(xt, t_batch)
         # 2. one DDIM step, with fresh noise when eta > 0
         noise = randn_like(xt, generator) if eta > 0 else None
-        x_next, x0_hat = ddim_step(schedule, model_output, t, t_next, xt, noise, eta, prediction_type, clip_x0)
+        x_next, x0_hat = ddim_step(
+            schedule, model_output, t, t_next, xt, noise, eta, prediction_type, clip_x0, use_clipped_model_output
+        )
         if should_record(i, steps, record_every):
             trajectory.append((t, xt.cpu(), x0_hat.cpu()))
         xt = x_next

@@ -67,9 +67,11 @@ def test_guided_samples_share_noise_across_scales_and_match_a_plain_draw():
     labels, null = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([10])
     samples, seconds = guided_samples(model, schedule, labels, null, 1.0, 2, seed=3, batch_size=2)
     assert samples.shape == (5, 1, 28, 28) and seconds > 0
-    # batch b is draw_samples' noise of seed 3 + b, sampled conditionally at w = 1
-    first, _ = draw_samples(lambda xt, t: model(xt, t, labels[:2]), schedule, "DDIM", 2, 2, seed=3)
-    last, _ = draw_samples(lambda xt, t: model(xt, t, labels[4:]), schedule, "DDIM", 2, 1, seed=5)
+    # batch b is draw_samples' noise of seed 3 + b, sampled conditionally at w = 1, the noise re-derived from the
+    # clipped x0_hat
+    plain = dict(sampler="DDIM", steps=2, use_clipped_model_output=True)
+    first, _ = draw_samples(lambda xt, t: model(xt, t, labels[:2]), schedule, n=2, seed=3, **plain)
+    last, _ = draw_samples(lambda xt, t: model(xt, t, labels[4:]), schedule, n=1, seed=5, **plain)
     assert torch.allclose(samples[:2], first, atol=1e-6) and torch.allclose(samples[4:], last, atol=1e-6)
     # w = 0 ignores the labels: every label gives the unconditional sample of the same noise
     unconditional, _ = guided_samples(model, schedule, labels, null, 0.0, 2, seed=3, batch_size=5)

@@ -136,6 +136,24 @@ def test_ddim_step_with_clipping_equals_diffusers():
         x = theirs
 
 
+def test_ddim_step_with_the_clipped_model_output_equals_diffusers():
+    """use_clipped_model_output: the noise re-derived from the clipped x0_hat, as diffusers' option of that name."""
+    scheduler = with_float64_table(DDIMScheduler(clip_sample=True))
+    scheduler.set_timesteps(10)
+    x, changed = 3 * noise_at_T(), False
+    for t in scheduler.timesteps.tolist():
+        model_output = fake_model(x, torch.full((4,), t))
+        theirs = scheduler.step(model_output, t, x, use_clipped_model_output=True).prev_sample
+        ours, _ = ddim_step(SCHEDULE, model_output, t, max(t - 100, -1), x, clip_x0=True, use_clipped_model_output=True)
+        plain, _ = ddim_step(SCHEDULE, model_output, t, max(t - 100, -1), x, clip_x0=True)
+        assert (ours - theirs).abs().max() <= 1e-5, t
+        changed |= not torch.allclose(ours, plain)
+        x = theirs
+    assert changed  # the option did something on this run
+    with pytest.raises(ValueError, match="set clip_x0"):
+        ddim_step(SCHEDULE, model_output, 500, 400, x, use_clipped_model_output=True)
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_sample_equals_a_diffusers_run(spacing, eta):
