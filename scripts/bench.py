@@ -272,10 +272,10 @@ def guidance(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
     best = max(results["runs"], key=lambda run: run["accuracy"])
     return [
         f"Model `{name}` ({card['training']['status']}); {n} DDIM-{steps} samples per guidance scale w ({n // 10} of "
-        f"each digit, the same noise for every w), x0_hat clipped to [-1, 1] and the noise re-derived from it; FID against {n} held-out digits "
-        f"(floor {results['runs'][0]['fid_floor']:.2f}); spread: the within-class spread of the classifier's "
-        f"features over that of {n} held-out digits. Also written to `data/benchmarks/guidance.json` (chapter 7 "
-        "plots it).",
+        f"each digit, the same noise for every w), x0_hat clipped to [-1, 1] and the noise re-derived from it; FID "
+        f"against {n} held-out digits (floor {results['runs'][0]['fid_floor']:.2f}); spread: the within-class spread "
+        f"of the classifier's features over that of {n} held-out digits. Also written to "
+        "`data/benchmarks/guidance.json` (chapter 7 plots it).",
         "",
         "| w | conditional accuracy | FID | spread / real | confident (>= 0.9) | ms / image |",
         "|---:|---:|---:|---:|---:|---:|",
