@@ -12,9 +12,9 @@
 # ---
 
 # %% [markdown]
-# DRAFT (not yet a chapter: it needs data/unet_mnist_class.* and data/unet_mnist_text.* from
-# `python scripts/train_unet.py --recipe unet_mnist_class|unet_mnist_text`, and the guidance sweep of
-# scripts/bench.py). Move to notebooks/07_guidance.py, add the Colab cell, run.
+# DRAFT (not yet a chapter: it needs data/unet_mnist_text.* from `python scripts/train_unet.py --recipe
+# unet_mnist_text`, and data/benchmarks/captions.json from `python scripts/bench.py captions`). Move to
+# notebooks/07_guidance.py, add the Colab cell, run.
 #
 # # Chapter 7: Conditioning and classifier-free guidance
 #
@@ -27,7 +27,8 @@
 # By the end of this chapter you can:
 #
 # 1. add a condition to a UNet (a label embedding beside the time embedding) and train with condition dropout;
-# 2. derive classifier-free guidance from Bayes' rule and implement it as one batched forward pass;
+# 2. derive classifier-free guidance from Bayes' rule and implement it as one batched forward pass, and sample
+#    with it correctly when $\hat x_0$ is clipped;
 # 3. measure what the guidance scale does to accuracy and diversity;
 # 4. condition on text through cross-attention, and check that every word of a prompt does what it says;
 # 5. use a negative prompt, and say why it works.
