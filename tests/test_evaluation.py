@@ -116,7 +116,8 @@ def test_class_spread_is_the_rms_distance_to_the_class_mean(classifier, heldout)
         for c in labels.unique()
     ]
     assert class_spread(classifier, images, labels) == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-9)
-    assert class_spread(classifier, one_prototype, torch.full((10,), 7)) == pytest.approx(0, abs=1e-6)
+    # (not exactly 0 with several threads: a batch of identical images can give features differing by 1e-6)
+    assert class_spread(classifier, one_prototype, torch.full((10,), 7)) == pytest.approx(0, abs=1e-4)
     with pytest.raises(ValueError, match="at least two images of some class"):
         class_spread(classifier, images[:2], torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="10 images, labels of shape \\(9,\\)"):
