@@ -46,10 +46,10 @@ from course_lib.benchmark import (
     save_results,
     training_images_per_second,
 )
-from course_lib.captions import SLANT_CHOICES, caption, measure_thickness, tokenize, word_agreement
+from course_lib.captions import SLANT_CHOICES, caption, measure_thickness, word_agreement
 from course_lib.data import load_digits
 from course_lib.forward import q_sample
-from course_lib.guidance import guided_samples
+from course_lib.guidance import caption_samples, guided_samples
 from course_lib.metrics import class_accuracy, class_spread, confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.unet import UNet
 from course_lib.profiles import describe_machine
@@ -296,15 +296,11 @@ def captions(n: int = SAMPLER_SAMPLES, steps: int = 20) -> list[str]:
     card, model, classifier = load_card(name), load_model(name), load_digit_classifier()
     schedule, digits = make_schedule(**card["schedule"]), torch.arange(n) % 10
 
-    def sample(words: dict, negative: str = "") -> torch.Tensor:
-        prompts = [caption(digit, **words) for digit in digits.tolist()]
-        return guided_samples(model, schedule, tokenize(prompts), tokenize([negative]), CAPTION_SCALE, steps)[0]
-
     results = {"model": name, "model_status": card["training"]["status"], "machine": describe_machine()}
     results.update({"date": str(date.today()), "n": n, "steps": steps, "scale": CAPTION_SCALE, "prompts": []})
     asks = [{}, {"thickness": "thin"}, {"thickness": "thick"}, *({"slant": word} for word in SLANT_CHOICES)]
     for words, negative in [(ask, "") for ask in asks] + [({}, "a thick")]:
-        samples = sample(words, negative)
+        samples = caption_samples(model, schedule, digits, words, negative, CAPTION_SCALE, steps)
         row = {"words": words, "negative": negative, "digit_accuracy": class_accuracy(classifier, samples, digits)}
         row["word_agreement"] = word_agreement(samples, **words) if words else None
         row["thickness"] = measure_thickness(samples).mean().item()

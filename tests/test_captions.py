@@ -14,7 +14,7 @@ from course_lib.captions import (
     word_agreement,
 )
 from course_lib.data import load_digits
-from course_lib.guidance import Guided
+from course_lib.guidance import Guided, caption_samples, guided_samples
 from course_lib.nets.text import TextConditionedUNet, TextEncoder
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import make_schedule
@@ -125,3 +125,12 @@ def test_prompts_reach_the_image_through_cross_attention():
     for null in ([""], ["a thick"]):
         guided = Guided(model, tokenize(["a thin seven"]), tokenize(null), 3.0)
         assert ddim_sample(guided, schedule, x_T, 2, clip_x0=True)[0].shape == x_T.shape
+
+
+def test_caption_samples_are_guided_samples_of_the_tokenized_prompts():
+    model = randomise_zero_layers(TextConditionedUNet(text=dict(dim=16, layers=1, heads=2), **UNET))
+    schedule, digits = make_schedule("cosine", 1000), torch.tensor([7, 2])
+    ours = caption_samples(model, schedule, digits, {"thickness": "thick"}, negative="leaning left", steps=2)
+    prompts = tokenize(["a thick seven", "a thick two"])
+    expected, _ = guided_samples(model, schedule, prompts, tokenize(["leaning left"]), 3.0, 2)
+    assert torch.equal(ours, expected)

@@ -42,7 +42,7 @@ import torch
 from course_lib.benchmark import load_results
 from course_lib.captions import caption, describe, measure_slant, measure_thickness, tokenize, word_agreement
 from course_lib.data import load_digits
-from course_lib.guidance import Guided, cfg_combine, guided_samples
+from course_lib.guidance import Guided, caption_samples, cfg_combine, guided_samples
 from course_lib.metrics import class_accuracy, class_spread, load_digit_classifier
 from course_lib.plotting import show_images
 from course_lib.profiles import get_device, get_profile
@@ -263,10 +263,7 @@ asked = torch.arange(n) % 10
 
 def prompt_samples(words: dict, negative: str = "") -> torch.Tensor:
     """n samples of the prompts "a [words] DIGIT [words]" for each digit in turn, guided at w = 3."""
-    prompts = tokenize([caption(digit, **words) for digit in asked.tolist()])
-    return guided_samples(
-        text_model, text_schedule, prompts, tokenize([negative]), 3.0, profile.sample_steps, device=device
-    )[0]
+    return caption_samples(text_model, text_schedule, asked, words, negative, 3.0, profile.sample_steps, device)
 
 
 shown = {}
