@@ -52,12 +52,13 @@ if "google.colab" in sys.modules:
 
 # %%
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from course_lib.benchmark import draw_flow_samples, draw_samples
+from course_lib.benchmark import draw_flow_samples, draw_samples, load_results
 from course_lib.flow import (
     euler_sample,
     flow_loss,
@@ -194,7 +195,7 @@ pairs = torch.stack([pair_noise, pair_samples], dim=1)  # (N, 2, 2): noise at [:
 reflowed = MLPDenoiser(data_dim=2, hidden=128, depth=3)
 reflowed.load_state_dict(flow.state_dict())  # start from the flow, as Liu et al. do
 start = time.perf_counter()
-train(reflowed, None, pairs, TrainConfig(**{**config.__dict__, "objective": "reflow"}), progress=False)
+train(reflowed, None, pairs, replace(config, objective="reflow"), progress=False)
 print(f"reflow: {config.steps} steps in {time.perf_counter() - start:.0f} s")
 with torch.no_grad():
     sample, trajectory = euler_sample(reflowed, noise[:500].to(device), 64, record_every=1)
@@ -234,21 +235,42 @@ eps_schedule = make_schedule(**eps_card["schedule"])
 print(f"flow model: {flow_card['training']['status']}, {flow_card['training']['images_seen']:,d} images")
 classifier = load_digit_classifier(device)
 n, budgets = profile.sampler_samples, profile.step_counts[:3]
-rows = []
+rows = []  # one per live run: sampler, network calls, FID
 for calls in budgets:
     heun_steps = (calls + 1) // 2
     runs = {
-        f"DDIM (eps), {calls} calls": draw_samples(eps_digits, eps_schedule, "DDIM", calls, n, seed=10, device=device),
-        f"Euler (flow), {calls} calls": draw_flow_samples(flow_digits, "euler", calls, n, seed=10, device=device),
-        f"Heun (flow), {2 * heun_steps - 1} calls": draw_flow_samples(
+        ("DDIM (eps)", calls): draw_samples(eps_digits, eps_schedule, "DDIM", calls, n, seed=10, device=device),
+        ("Euler (flow)", calls): draw_flow_samples(flow_digits, "euler", calls, n, seed=10, device=device),
+        ("Heun (flow)", 2 * heun_steps - 1): draw_flow_samples(
             flow_digits, "heun", heun_steps, n, seed=10, device=device
         ),
     }
-    for name, (samples, seconds) in runs.items():
+    for (sampler, used), (samples, seconds) in runs.items():
         scores = sample_scores(classifier, samples)
-        rows.append((name, scores["fid"], scores["confident_fraction"], seconds))
-        print(f"{name:28s} FID {scores['fid']:6.2f}  confident {scores['confident_fraction']:.2f}  {seconds:5.1f} s")
+        rows.append((sampler.split()[0], used, scores["fid"]))
+        print(
+            f"{sampler:12s} {used:3d} calls: FID {scores['fid']:6.2f}  confident "
+            f"{scores['confident_fraction']:.2f}  {seconds:5.1f} s"
+        )
 print(f"(n = {n}; real-vs-real floor FID {scores['fid_floor']:.2f})")
+
+# %% [markdown]
+# `python scripts/bench.py flow` measured the same on 500 samples per run, up to 50 calls, with the live points
+# of this notebook on top:
+
+# %%
+flow_bench = load_results("flow")
+print(f"benchmark: {flow_bench['n']} samples per run, flow model {flow_bench['flow_status']}")
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for sampler, color in (("DDIM", "C0"), ("Euler", "C1"), ("Heun", "C2")):
+    runs = [run for run in flow_bench["runs"] if run["sampler"] == sampler]
+    ax.plot([run["calls"] for run in runs], [run["fid"] for run in runs], "o-", color=color, label=sampler)
+    live = [(calls, fid) for name, calls, fid in rows if name == sampler]
+    ax.scatter(*zip(*live, strict=True), marker="x", color=color)
+ax.axhline(flow_bench["runs"][0]["fid_floor"], color="grey", linestyle=":", label="floor (real vs real)")
+ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="FID", title="lines: benchmark; x: this run")
+ax.legend()
+plt.show()
 
 # %% [markdown]
 # How straight are the flow's paths for digits? The same straightness as for the moons, on the Euler path of a
