@@ -11,12 +11,26 @@
 #     name: python3
 # ---
 
+# %%
+# Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+import sys
+
+if "google.colab" in sys.modules:
+    import os
+    import subprocess
+
+    repo = "https://github.com/diffusion-course/diffusion-course"
+    if not os.path.isdir("diffusion-course"):
+        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
+    os.chdir("diffusion-course/notebooks")
+    sys.path.insert(0, os.path.abspath(".."))
+
+
 # %% [markdown]
-# DRAFT (not yet a chapter: it needs data/unet_mnist_text.* from `python scripts/train_unet.py --recipe
-# unet_mnist_text`, and data/benchmarks/captions.json from `python scripts/bench.py captions`). Move to
-# notebooks/07_guidance.py, add the Colab cell, run.
-#
 # # Chapter 7: Conditioning and classifier-free guidance
+#
+# [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/07_guidance.ipynb)
 #
 # An unconditional model draws some digit. To ask for a seven, the network needs the request as an input, and
 # the sampler a way to insist on it. This chapter adds class labels to the UNet, trains it with the label
