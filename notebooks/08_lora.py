@@ -48,6 +48,7 @@ if "google.colab" in sys.modules:
 # %%
 import copy
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import torch
@@ -239,7 +240,7 @@ peft_model = get_peft_model(load_model("unet_mnist_eps", device), LoraConfig(r=4
 peft_model.load_state_dict({f"base_model.model.{k}": v for k, v in ours.state_dict().items()})
 peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 print("trainable parameters, peft and ours:", peft_trainable == trainable)
-side_by_side = TrainConfig(**{**config.__dict__, "steps": min(10, profile.lora_train_steps), "warmup": 2})
+side_by_side = replace(config, steps=min(10, profile.lora_train_steps), warmup=2)
 ours_state, _ = train(ours, schedule, bold.to(device), side_by_side, progress=False)
 peft_state, _ = train(peft_model, schedule, bold.to(device), side_by_side, progress=False)
 print(
