@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from course_lib.benchmark import load_results
-from course_lib.captions import caption, describe, measure_slant, measure_thickness, tokenize, word_agreement
+from course_lib.captions import caption, describe, measure_slant, measure_thickness, word_agreement
 from course_lib.data import load_digits
 from course_lib.guidance import Guided, caption_samples, cfg_combine, guided_samples
 from course_lib.metrics import class_accuracy, class_spread, load_digit_classifier
@@ -271,7 +271,8 @@ text_card = load_card("unet_mnist_text")
 text_model = load_model("unet_mnist_text", device)
 text_schedule = make_schedule(**text_card["schedule"])
 print(text_card["training"]["status"], "|", text_card["condition"])
-empty = tokenize([""])
+sizes = [28 // 2**level for level, on in enumerate(text_card["model"]["attention"]) if on]  # halved per level
+print(f"text encoder {text_card['model']['text']}; cross-attention at", ", ".join(f"{k} x {k}" for k in sizes))
 asked = torch.arange(n) % 10
 
 

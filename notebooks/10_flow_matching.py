@@ -235,18 +235,18 @@ n, budgets = profile.sampler_samples, profile.step_counts[:3]
 rows = []  # one per live run: sampler, network calls, FID
 for calls in budgets:
     heun_steps = (calls + 1) // 2
-    runs = {
-        ("DDIM (eps)", calls): draw_samples(eps_digits, eps_schedule, "DDIM", calls, n, seed=10, device=device),
-        ("Euler (flow)", calls): draw_flow_samples(flow_digits, "euler", calls, n, seed=10, device=device),
-        ("Heun (flow)", 2 * heun_steps - 1): draw_flow_samples(
+    runs = {  # (sampler, model, network calls): (samples, seconds)
+        ("DDIM", "eps", calls): draw_samples(eps_digits, eps_schedule, "DDIM", calls, n, seed=10, device=device),
+        ("Euler", "flow", calls): draw_flow_samples(flow_digits, "euler", calls, n, seed=10, device=device),
+        ("Heun", "flow", 2 * heun_steps - 1): draw_flow_samples(
             flow_digits, "heun", heun_steps, n, seed=10, device=device
         ),
     }
-    for (sampler, used), (samples, seconds) in runs.items():
+    for (sampler, trained_for, used), (samples, seconds) in runs.items():
         scores = sample_scores(classifier, samples)
-        rows.append((sampler.split()[0], used, scores["fid"]))
+        rows.append((sampler, used, scores["fid"]))
         print(
-            f"{sampler:12s} {used:3d} calls: FID {scores['fid']:6.2f}  confident "
+            f"{sampler + f' ({trained_for})':12s} {used:3d} calls: FID {scores['fid']:6.2f}  confident "
             f"{scores['confident_fraction']:.2f}  {seconds:5.1f} s"
         )
 print(f"(n = {n}; real-vs-real floor FID {scores['fid_floor']:.2f})")
