@@ -4,19 +4,24 @@ Every notebook derives an idea, checks it against the function here, and then us
 One concept per module, in the order the course teaches them:
 
     profiles    COURSE_PROFILE budgets (smoke / cpu / gpu), the device, seeded noise        all chapters
+    checks      argument checks every module shares: names, shapes, integers, steps,       all chapters
+                finite values, what a model predicts
     data        the shipped MNIST digits (28 x 28, values in [-1, 1])                       chapter 2 on
     toy         Gaussian mixtures with exact densities and denoisers; moons, swiss roll    chapters 1, 3
     schedules   beta, alpha, alpha_bar, SNR tables; the timestep convention; `gather`      chapter 2
     forward     q(x_t | x_{t-1}), q(x_t | x_0), the whole chain                            chapter 1
     ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler            chapter 3
     samplers    DDIM: the step with eta, timestep spacings, inversion, slerp               chapter 5
-    solvers     DPM-Solver++(2M), Euler with Karras sigmas                                 chapter 5
+    solvers     DPM-Solver++(2M), Euler with Karras sigmas (euler_karras_*)                chapter 5
+    sampling    the sampler family by name (SAMPLERS, run_sampler), batched and timed      chapters 5-10
+                drawing from seeded noise (draw_samples, draw_flow_samples)
     nets/       the networks (they know nothing of schedules): mlp, unet, classifier,      chapter 3 on
                 vae (latent autoencoder), text (text encoder, text-conditioned UNet)
+    recipes     each shipped model's network, schedule and training settings               chapter 4 on
     train       the training loop: AdamW, warm-up, clipping, EMA, resumable checkpoints    chapter 3 on
     weights     shipped weights: safetensors + JSON card + sha256 manifest                 chapter 4 on
     metrics     distances between samples and data, always beside their floor             chapter 3 on
-    benchmark   the diffusers baseline, FLOPs, throughput, the sampler family timed        chapters 4-6
+    benchmark   the diffusers baseline, FLOPs, throughput, ms per call, saved results      chapters 4-10
     guidance    classifier-free guidance: label dropout, one batched guided forward,       chapter 7
                 guided samples in batches
     captions    captions from measured slant and stroke thickness; the tokenizer           chapter 7
@@ -25,7 +30,9 @@ One concept per module, in the order the course teaches them:
     interop     to diffusers: our schedules as schedulers, our UNet as a diffusers model,  chapter 9
                 the pipelines' loop, a tiny Stable Diffusion built offline
     flow        flow matching on straight paths, t in [0, 1]: loss, Euler / Heun           chapter 10
+                (euler_flow_*, heun_flow_sample)
     reflow      reflow's (noise, sample) pairs and the straightness of a path              chapter 10
+    edm         EDM preconditioning: c_skip, c_out, c_in, c_noise; the EDM loss            chapter 11
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):

@@ -13,6 +13,7 @@ Splits: "train" (4,000 images, 400 per class) for training, "heldout" (1,000, 10
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +25,80 @@ DIGITS_FILE = "mnist5k.parquet"
 REBUILD_COMMAND = "make data  (or: python scripts/build_digits.py)"
 
 
-def data_dir() -> Path:
-    """The folder with the shipped data and weights: `COURSE_DATA_DIR` if set, else data/ beside course_lib/."""
+def default_data_dir() -> Path:
+    """Where the shipped data and weights are looked for: `COURSE_DATA_DIR` if set, else data/ beside course_lib/."""
     override = os.environ.get("COURSE_DATA_DIR", "").strip()
     return Path(override) if override else Path(__file__).resolve().parents[1] / "data"
 
 
+def data_dir() -> Path:
+    """The folder with the shipped data and weights (`default_data_dir`); raises, in one line saying how to point
+    at the data, if it does not exist, as after a `pip install` of course_lib outside a checkout of the course."""
+    folder, override = default_data_dir(), os.environ.get("COURSE_DATA_DIR", "").strip()
+    if override and not folder.is_dir():
+        raise FileNotFoundError(
+            f"COURSE_DATA_DIR={override!r} is not a folder; set it to the data/ folder of a checkout"
+        )
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"the course's data folder {folder} does not exist (course_lib installed outside a checkout?): "
+            "set COURSE_DATA_DIR to the data/ folder of a checkout of the course"
+        )
+    return folder
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether `path` lies in the data folder, so that its SHA256SUMS vouches for the file."""
+    return Path(path).resolve().parent == default_data_dir().resolve()
+
+
+def write_atomic(path: Path, content: bytes) -> None:
+    """Write `content` to a temporary file beside `path`, then rename it over `path` (os.replace): a reader, or a
+    kill mid-write, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def sha256_of(content: bytes) -> str:
+    return hashlib.sha256(content).hexdigest()
+
+
+def parse_manifest_line(manifest: Path, number: int, line: str) -> tuple[str, str]:
+    """(file name, sha256) from one line `<64 hex digits>  <file name>`; raises naming the manifest and line."""
+    parts = line.split(maxsplit=1)
+    if len(parts) != 2 or not re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+        raise ValueError(
+            f"{manifest}, line {number}: {line!r} is not '<sha256, 64 hex digits>  <file name>' (a write cut "
+            f"short?); restore it with `git checkout -- {manifest.name}`, or delete the line and rerun its script"
+        )
+    return parts[1].strip(), parts[0]
+
+
 def read_manifest(manifest: Path) -> dict[str, str]:
     """{file name: sha256} from a SHA256SUMS file (the format `sha256sum -c` reads); empty if it does not exist."""
-    entries = {}
-    if manifest.exists():
-        for line in manifest.read_text().splitlines():
-            if line.strip():
-                digest, name = line.split(maxsplit=1)
-                entries[name.strip()] = digest
-    return entries
+    if not manifest.exists():
+        return {}
+    lines = enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1)
+    return dict(parse_manifest_line(manifest, number, line) for number, line in lines if line.strip())
 
 
 def record_sha256(path: Path) -> str:
-    """Write path's sha256 into the SHA256SUMS beside it, keeping the other entries; returns the digest."""
+    """Write path's sha256 into the SHA256SUMS beside it, keeping the other entries; returns the digest.
+    The manifest is replaced whole (`write_atomic`), so a kill mid-write leaves the old one."""
     manifest = path.parent / "SHA256SUMS"
     entries = read_manifest(manifest)
-    entries[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest.write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items())))
+    entries[path.name] = sha256_of(path.read_bytes())
+    text = "".join(f"{digest}  {name}\n" for name, digest in sorted(entries.items()))
+    write_atomic(manifest, text.encode("utf-8"))
     return entries[path.name]
 
 
@@ -65,13 +117,20 @@ def verify_file(path: Path, rebuild_command: str) -> None:
     """Raise a clear error if `path` is missing or its sha256 is not the one in the manifest."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; rebuild it with: {rebuild_command}")
-    actual = hashlib.sha256(path.read_bytes()).hexdigest()
-    expected = expected_sha256(path)
-    if actual != expected:
+    content = path.read_bytes()
+    actual, expected = sha256_of(content), expected_sha256(path)
+    if actual == expected:
+        return
+    if b"\r\n" in content and sha256_of(content.replace(b"\r\n", b"\n")) == expected:
         raise ValueError(
-            f"{path} is damaged or not the shipped version: sha256 {actual}, the manifest says {expected}; "
-            f"restore it with `git checkout -- {path.name}` in data/, or rebuild it with: {rebuild_command}"
+            f"{path} has Windows line endings (CRLF): git converted it on checkout, so its sha256 is not the "
+            f"manifest's; restore it with `git checkout -- {path.name}` in data/ (the course's .gitattributes keeps "
+            "data/ byte for byte; an older clone lacks it: `git pull` first)"
         )
+    raise ValueError(
+        f"{path} is damaged or not the shipped version: sha256 {actual}, the manifest says {expected}; "
+        f"restore it with `git checkout -- {path.name}` in data/, or rebuild it with: {rebuild_command}"
+    )
 
 
 def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,9 +17,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from course_lib.forward import check_same_shape, q_sample
+from course_lib.checks import (
+    check_choice,
+    check_finite,
+    check_model_output,
+    check_model_predicts,
+    check_record_every,
+    check_same_shape,
+    check_single_timestep,
+)
+from course_lib.forward import q_sample
 from course_lib.profiles import randn_like
-from course_lib.schedules import Schedule, check_timesteps, gather
+from course_lib.schedules import Schedule, gather
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -27,25 +36,54 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-
-
 # --- conversions between the parameterisations ------------------------------------------------------------------
+
+
+def split_output(
+    x: torch.Tensor, model_output: torch.Tensor, prediction_type: str, signal, noise
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(x0_hat, eps_hat) from a network output of any parameterisation, for a state $x = s\,x_0 + n\,\epsilon$ with
+    signal scale s and noise scale n (tensors broadcasting against x, or numbers): the one place where outputs are
+    converted, for every sampler of the course.
+
+        eps   $\hat x_0 = (x - n\,\hat\epsilon) / s$  (Ho et al. 2020, eq. 4 solved for x0)
+        x0    $\hat\epsilon = (x - s\,\hat x_0) / n$
+        v     $\hat x_0 = (s\,x - n r\,\hat v) / r^2$, $\hat\epsilon = (n\,x + s r\,\hat v) / r^2$, $r^2 = s^2 + n^2$:
+              Salimans & Ho 2022's $v = (s\,\epsilon - n\,x_0) / r$, defined on the variance-preserving state x / r
+
+    The course's x_t has $s = \sqrt{\bar\alpha_t}$, $n = \sqrt{1 - \bar\alpha_t}$ (r = 1: `split_prediction`);
+    the variance-exploding state of EDM, $x = x_t / \sqrt{\bar\alpha_t} = x_0 + \sigma\epsilon$, has s = 1, n = sigma
+    (`solvers.euler_karras_step`), where these are diffusers' `EulerDiscreteScheduler` conversions.
+    """
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_same_shape(x=x, model_output=model_output)
+    if prediction_type == "eps":
+        return (x - noise * model_output) / signal, model_output
+    if prediction_type == "x0":
+        return model_output, (x - signal * model_output) / noise
+    r_squared = signal**2 + noise**2  # 1 on the course's path, 1 + sigma^2 on the VE one
+    r = r_squared**0.5
+    return (signal * x - noise * r * model_output) / r_squared, (noise * x + signal * r * model_output) / r_squared
+
+
+def split_prediction(
+    schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, model_output: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) from a network output of any parameterisation at x_t: `split_output` with
+    signal sqrt(alpha_bar_t) and noise sqrt(1 - alpha_bar_t)."""
+    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
+    return split_output(xt, model_output, prediction_type, alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt())
 
 
 def x0_from_eps(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
     r"""$\hat x_0 = (x_t - \sqrt{1 - \bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}$ (Ho et al. 2020, eq. 4
     solved for x0)."""
-    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
-    return (xt - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    return split_prediction(schedule, xt, t, eps, "eps")[0]
 
 
 def eps_from_x0(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
     r"""$\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0) / \sqrt{1 - \bar\alpha_t}$."""
-    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
-    return (xt - alpha_bar_t.sqrt() * x0) / (1 - alpha_bar_t).sqrt()
+    return split_prediction(schedule, xt, t, x0, "x0")[1]
 
 
 def v_from_x0_eps(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
@@ -56,27 +94,12 @@ def v_from_x0_eps(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: to
 
 def x0_from_v(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
     r"""$\hat x_0 = \sqrt{\bar\alpha_t}\,x_t - \sqrt{1 - \bar\alpha_t}\,\hat v$."""
-    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
-    return alpha_bar_t.sqrt() * xt - (1 - alpha_bar_t).sqrt() * v
+    return split_prediction(schedule, xt, t, v, "v")[0]
 
 
 def eps_from_v(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:
     r"""$\hat\epsilon = \sqrt{1 - \bar\alpha_t}\,x_t + \sqrt{\bar\alpha_t}\,\hat v$."""
-    alpha_bar_t = gather(schedule.alpha_bar, t, xt)
-    return (1 - alpha_bar_t).sqrt() * xt + alpha_bar_t.sqrt() * v
-
-
-def split_prediction(
-    schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, model_output: torch.Tensor, prediction_type: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) from a network output of any parameterisation."""
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    check_same_shape(xt=xt, model_output=model_output)
-    if prediction_type == "eps":
-        return x0_from_eps(schedule, xt, t, model_output), model_output
-    if prediction_type == "x0":
-        return model_output, eps_from_x0(schedule, xt, t, model_output)
-    return x0_from_v(schedule, xt, t, model_output), eps_from_v(schedule, xt, t, model_output)
+    return split_prediction(schedule, xt, t, v, "v")[1]
 
 
 def training_target(
@@ -166,11 +189,11 @@ def ddpm_step(
       \sigma_t^2 = \tilde\beta_t\ \text{(fixed\_small)}\ \text{or}\ \beta_t\ \text{(fixed\_large)}$$
 
     with no noise added at t = 0. Returns (x_{t-1}, x0_hat). Equal to diffusers' `DDPMScheduler.step` with
-    `clip_sample=clip_x0` on the same inputs.
+    `clip_sample=clip_x0` on the same inputs. t is one integer timestep: an int, a numpy integer or a 0-d tensor.
     """
     check_choice("variance_type", variance_type, VARIANCE_TYPES)
     check_same_shape(xt=xt, noise=noise)
-    check_timesteps(torch.tensor(t), schedule.T)
+    t = check_single_timestep("t", t, schedule.T)
     # 1. the network's estimate of the clean data
     x0_hat, _ = split_prediction(schedule, xt, t, model_output, prediction_type)
     if clip_x0:
@@ -198,16 +221,19 @@ def ddpm_sample(
     """Run the reverse chain from x_T (pure noise) down to a sample of x0 with `ddpm_step` (Algorithm 2).
 
     Returns (x0, trajectory): trajectory holds (t, x_t, x0_hat) every `record_every` steps (and at t = 0),
-    empty when record_every is 0. The device and dtype come from x_T.
+    empty when record_every is 0. The device and dtype come from x_T. A model whose `prediction_type` attribute
+    differs from prediction_type is refused; a NaN or infinity in x_T or in a model output raises, saying where.
     """
-    if record_every < 0:
-        raise ValueError(f"record_every must be >= 0; got {record_every}")
+    check_model_predicts(model, prediction_type)
+    record_every = check_record_every(record_every)
+    check_finite("x_T", x_T)
     trajectory = []
     xt = x_T
     for t in reversed(range(schedule.T)):
         # 1. the network's output at this step, for the whole batch
         t_batch = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         model_output = model(xt, t_batch)
+        check_model_output(model_output, xt, f"t={t} (DDPM step {schedule.T - t} of {schedule.T})")
         # 2. one ancestral step with fresh noise
         x_prev, x0_hat = ddpm_step(
             schedule, model_output, t, xt, randn_like(xt, generator), prediction_type, variance_type, clip_x0

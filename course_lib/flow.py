@@ -31,14 +31,22 @@ t is our 1 - t and their velocity minus ours; SD3 is written as here):
 """
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 
-from course_lib.ddpm import check_choice
-from course_lib.forward import check_same_shape
+from course_lib.checks import (
+    check_choice,
+    check_finite,
+    check_model_output,
+    check_model_predicts,
+    check_record_every,
+    check_same_shape,
+    check_steps,
+    should_record,
+)
 from course_lib.profiles import randn_like
-from course_lib.samplers import check_record_every, should_record
 
 TIME_SCALE = 1000  # the network's time input is t * TIME_SCALE, as diffusers' timesteps = sigmas * 1000
 TIME_SAMPLINGS = ("uniform", "logit_normal")
@@ -46,11 +54,6 @@ GRID_SPACINGS = ("uniform", "diffusers")
 SOLVERS = ("euler", "heun")
 
 VelocityModel = Callable[..., torch.Tensor]
-
-
-def check_steps(steps) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got steps={steps!r}")
 
 
 def check_shift(shift: float) -> None:
@@ -187,7 +190,7 @@ def time_grid(steps: int, shift: float = 1.0, spacing: str = "uniform") -> torch
                     Its last step before 0 starts at $s(s(1/1000))$: the shift is applied twice to that end point.
     The network's time inputs are `time_grid(...)[:-1] * TIME_SCALE` (diffusers' `scheduler.timesteps`).
     """
-    check_steps(steps)
+    steps = check_steps(steps)  # any number: time is continuous
     check_shift(shift)
     check_choice("spacing", spacing, GRID_SPACINGS)
     if spacing == "uniform":
@@ -197,10 +200,10 @@ def time_grid(steps: int, shift: float = 1.0, spacing: str = "uniform") -> torch
     return torch.cat([times, torch.zeros(1, dtype=torch.float64)])
 
 
-def euler_step(v_hat: torch.Tensor, xt: torch.Tensor, t, t_next) -> torch.Tensor:
-    r"""One Euler step of the ODE $dx/dt = v(x, t)$ from t to t_next < t:
+def euler_flow_step(v_hat: torch.Tensor, xt: torch.Tensor, t, t_next) -> torch.Tensor:
+    r"""One Euler step of the flow's ODE $dx/dt = v(x, t)$ from t to t_next < t:
     $x_{t_{next}} = x_t + (t_{next} - t)\,\hat v(x_t, t)$. Equal to diffusers' `FlowMatchEulerDiscreteScheduler.step`
-    (its sigma is t)."""
+    (its sigma is t). (`solvers.euler_karras_step` is the Euler step of a diffusion model's ODE in sigma.)"""
     check_same_shape(xt=xt, v_hat=v_hat)
     return xt + (t_next - t) * v_hat
 
@@ -215,28 +218,34 @@ def _solve(
     record_every: int,
     second_order: bool,
 ) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:
-    """The stepping loop of `euler_sample` (second_order False) and `heun_sample` (True)."""
-    check_record_every(record_every)
-    times = time_grid(steps, shift, spacing).to(device=x1.device, dtype=x1.dtype)  # (steps + 1,)
+    """The stepping loop of `euler_flow_sample` (second_order False) and `heun_flow_sample` (True)."""
+    check_model_predicts(model, "velocity")
+    record_every = check_record_every(record_every)
+    check_finite("x1", x1)
+    times = time_grid(steps, shift, spacing)  # (steps + 1,) float64
+    steps = len(times) - 1
+    labels = [f"t={t:.4f}" for t in times.tolist()]  # for the error messages
+    times = times.to(device=x1.device, dtype=x1.dtype)
     trajectory = []
     xt = x1
-    for i in range(steps):
-        t, t_next = times[i], times[i + 1]
+    for i, (t, t_next) in enumerate(pairwise(times)):
         # 1. the velocity here, and an Euler step with it (Heun's predictor)
         v_hat = velocity(model, xt, t, cond)
-        x_next = euler_step(v_hat, xt, t, t_next)
+        check_model_output(v_hat, xt, f"{labels[i]} (step {i + 1} of {steps})")
+        x_next = euler_flow_step(v_hat, xt, t, t_next)
         # 2. Heun: the velocity where that step lands, and the step again with the mean of both slopes (the corrector)
         if second_order and t_next > 0:
             v_next = velocity(model, x_next, t_next, cond)
-            x_next = euler_step((v_hat + v_next) / 2, xt, t, t_next)
+            check_model_output(v_next, x_next, f"{labels[i + 1]} (Heun's corrector of step {i + 1} of {steps})")
+            x_next = euler_flow_step((v_hat + v_next) / 2, xt, t, t_next)
         if should_record(i, steps, record_every):
-            trajectory.append((t.item(), xt.cpu(), (xt - t * v_hat).cpu()))
+            trajectory.append((t.item(), xt.cpu(), split_velocity(xt, t, v_hat)[0].cpu()))
         xt = x_next
     return xt, trajectory
 
 
 @torch.no_grad()
-def euler_sample(
+def euler_flow_sample(
     model: VelocityModel,
     x1: torch.Tensor,
     steps: int,
@@ -250,13 +259,14 @@ def euler_sample(
 
     Returns (x0, trajectory): trajectory holds (t, x_t, x0_hat) every `record_every` steps counted back from the
     last one (always recorded), x0_hat = x_t - t v_hat (`split_velocity`); empty when record_every is 0. The device
-    and dtype come from x1.
+    and dtype come from x1. A model whose `prediction_type` attribute is set and not "velocity" (an eps model, say)
+    is refused; a NaN or infinity in x1 or in a velocity raises, saying at which time.
     """
     return _solve(model, x1, steps, cond, shift, spacing, record_every, second_order=False)
 
 
 @torch.no_grad()
-def heun_sample(
+def heun_flow_sample(
     model: VelocityModel,
     x1: torch.Tensor,
     steps: int,
@@ -271,7 +281,7 @@ def heun_sample(
       x_{t_{next}} = x_t + (t_{next} - t)\,\tfrac12\big(\hat v(x_t, t) + \hat v(\tilde x, t_{next})\big)$$
 
     The last step, into t = 0, is a plain Euler step (as in Karras et al. and diffusers'
-    `FlowMatchHeunDiscreteScheduler`), so a run costs 2 * steps - 1 network calls. Returns (x0, trajectory) as
-    `euler_sample` does.
+    `FlowMatchHeunDiscreteScheduler`), so a run costs 2 * steps - 1 network calls. Returns (x0, trajectory) and
+    refuses models and NaN as `euler_flow_sample` does.
     """
     return _solve(model, x1, steps, cond, shift, spacing, record_every, second_order=True)

@@ -7,15 +7,9 @@ Noise is always an argument (`eps`) or drawn from an explicit `torch.Generator`,
 
 import torch
 
+from course_lib.checks import check_same_shape
 from course_lib.profiles import randn_like
 from course_lib.schedules import Schedule, gather
-
-
-def check_same_shape(**tensors: torch.Tensor) -> None:
-    """Raise, naming every shape, unless all the given tensors have the same shape."""
-    shapes = {name: tuple(x.shape) for name, x in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"shapes must match; got {shapes}")
 
 
 def q_step(schedule: Schedule, x_prev: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:

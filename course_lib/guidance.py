@@ -15,9 +15,9 @@ For class labels 0..K-1 the null condition is the label K (`nets.unet.UNet(num_c
 
 import torch
 
-from course_lib.benchmark import draw_samples
 from course_lib.captions import caption, tokenize
 from course_lib.ddpm import Denoiser
+from course_lib.sampling import draw_samples
 from course_lib.schedules import Schedule
 
 
@@ -58,12 +58,17 @@ class Guided:
     The conditional and unconditional predictions come from one batched forward pass (the batch doubled), as
     diffusers' pipelines do; at scale 1 only the conditional pass runs and at scale 0 only the unconditional one.
     `cond` is (B, ...) for a batch of B, or one condition of batch size 1 for every sample; `null` likewise.
+    The guided model predicts what the model predicts: it carries the model's `prediction_type`, if it has one, so
+    that a sampler can refuse a mismatch through the wrapper.
     """
 
     def __init__(self, model: Denoiser, cond: torch.Tensor, null: torch.Tensor, scale: float):
-        if scale < 0:
-            raise ValueError(f"the guidance scale must be >= 0 (0: unconditional, 1: conditional); got {scale}")
+        if not scale >= 0:  # NaN fails this too
+            raise ValueError(
+                f"the guidance scale must be a number >= 0 (0: unconditional, 1: conditional); got {scale}"
+            )
         self.model, self.cond, self.null, self.scale = model, cond, null, scale
+        self.prediction_type = getattr(model, "prediction_type", None)
 
     def _batch(self, condition: torch.Tensor, size: int) -> torch.Tensor:
         if len(condition) == size:
@@ -98,7 +103,7 @@ def guided_samples(
     """One guided DDIM sample per condition (labels (N,), or token rows (N, L)), `steps` calls each, in batches;
     returns the samples (on the CPU, clamped to [-1, 1]) and the sampling time in seconds.
 
-    Batch b starts from `benchmark.draw_samples`' noise with seed `seed + b`, so two scales (or two prompts) with the
+    Batch b starts from `sampling.draw_samples`' noise with seed `seed + b`, so two scales (or two prompts) with the
     same seed start from the same x_T, and a guided sample differs from its unguided twin only by the guidance.
 
     x0_hat is clipped to [-1, 1] and, by default, the noise re-derived from the clipped x0_hat

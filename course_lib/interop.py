@@ -57,16 +57,17 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from course_lib.benchmark import SAMPLERS
 from course_lib.captions import VOCABULARY
+from course_lib.checks import check_choice, check_steps
 from course_lib.data import IMAGE_SIZE
-from course_lib.ddpm import PREDICTION_TYPES, check_choice
+from course_lib.ddpm import PREDICTION_TYPES
 from course_lib.nets.unet import UNet
+from course_lib.sampling import SAMPLERS
 from course_lib.schedules import DIFFUSERS_BETA_SCHEDULE, Schedule, make_schedule
 from course_lib.weights import load_card, load_weights, model_config
 
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-# The diffusers scheduler that computes each sampler of the course's family (course_lib.benchmark.SAMPLERS).
+# The diffusers scheduler that computes each sampler of the course's family (course_lib.sampling.SAMPLERS).
 SCHEDULERS = dict(
     zip(SAMPLERS, (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler), strict=True)
 )
@@ -98,8 +99,8 @@ def scheduler_config(schedule: Schedule, kind: str = "DDPM", prediction_type: st
 
 
 def to_diffusers_scheduler(schedule: Schedule, kind: str = "DDIM", prediction_type: str = "eps", clip_x0: bool = False):
-    """The diffusers scheduler that computes the course's sampler `kind` (one of `benchmark.SAMPLERS`) on `schedule`,
-    set as the course runs it (`benchmark.run_sampler`): DDPM with the posterior variance, DDIM with "trailing"
+    """The diffusers scheduler that computes the course's sampler `kind` (one of `sampling.SAMPLERS`) on `schedule`,
+    set as the course runs it (`sampling.run_sampler`): DDPM with the posterior variance, DDIM with "trailing"
     spacing, DPM-Solver++(2M) with "linspace" spacing, Euler on Karras sigmas. clip_x0 clips x0_hat to [-1, 1]:
     `clip_sample` for DDPM and DDIM, thresholding at 1 for DPM-Solver++ (tests/test_samplers.py shows it is a clip);
     diffusers' Euler has no clip, so asking for one raises."""
@@ -176,8 +177,7 @@ def scheduler_sample(unet, scheduler, x_T: torch.Tensor, steps: int, generator: 
     DDPMPipeline and DDIMPipeline leave out steps 1 and 2, right only for schedulers whose init_noise_sigma is 1 and
     whose scale_model_input does nothing (DDPM, DDIM, DPM-Solver); Euler needs both. `unet` is a diffusers model
     (`unet(x, t).sample`); generator feeds the steps that add noise. Returns the last sample, not clamped."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1; got steps={steps!r}")
+    steps = check_steps(steps)
     scheduler.set_timesteps(steps, device=x_T.device)
     # 1. the start at the scheduler's noise level (Euler's variance-exploding state is sigma_max times larger)
     x = x_T * scheduler.init_noise_sigma

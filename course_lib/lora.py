@@ -19,6 +19,9 @@ between the two; tests/test_lora.py checks outputs and merged weights against pe
     set_lora_scale(model, 0.5)                               s for every adapter (or one, by name)
     merge_lora(model) / unmerge_lora(model)                  fold the update into W and back
     save_lora(model, path) / load_lora(model, path)          the adapter weights only, safetensors
+
+Training needs the adapters unmerged: in training mode, a backward pass through an adapter that is merged but
+still trainable raises (its A and B would get no gradient), saying to unmerge first.
 """
 
 import json
@@ -26,11 +29,31 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import nn
 
+from course_lib.data import is_shipped, verify_file, write_atomic
+
 DEFAULT_ADAPTER = "default"
+
+
+MERGED_BACKWARD = (
+    "backward through a LoRA adapter merged into its layer's weight: merge_lora folded B A into W, so A and B get "
+    "no gradient; call unmerge_lora(model) before training (merge only for inference), or freeze the merged adapter"
+)
+
+
+class RefuseBackward(torch.autograd.Function):
+    """The identity on a layer's output, whose backward raises MERGED_BACKWARD (the weights only tie it to them)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError(MERGED_BACKWARD)
 
 
 class LoRALayer(nn.Module):
@@ -82,6 +105,10 @@ class LoRALayer(nn.Module):
         for name in self.lora_A:
             if name not in self.merged and self.scale[name] != 0:
                 out = out + self.lora_B[name](self.lora_A[name](x)) * (self.scaling[name] * self.scale[name])
+        if self.merged and self.training and torch.is_grad_enabled():
+            adapters = [module for name in self.merged for module in (self.lora_A[name], self.lora_B[name])]
+            trainable = [module.weight for module in adapters if module.weight.requires_grad]
+            out = RefuseBackward.apply(out, *trainable) if trainable else out
         return out
 
     def merge(self) -> None:
@@ -177,36 +204,99 @@ def save_lora(
     model: nn.Module, path: Path | str, adapter: str = DEFAULT_ADAPTER, dtype: torch.dtype | None = None
 ) -> Path:
     """Write one adapter's weights (and its alpha / r per layer) to a safetensors file; nothing else. dtype
-    (float16, say, as the course's shipped weights) converts them; `load_lora` converts back to the layer's."""
+    (float16, say, as the course's shipped weights) converts them; `load_lora` converts back to the layer's.
+    The file is replaced whole (`write_atomic`): a kill mid-write leaves the old one."""
     path = Path(path)
     state = {
         key: value.detach().to("cpu", dtype or value.dtype).contiguous()
         for key, value in lora_state_dict(model, adapter).items()
     }
     config = {name: layer.scaling[adapter] for name, layer in lora_layers(model).items() if adapter in layer.scaling}
-    save_file(state, path, metadata={"adapter": adapter, "scaling": json.dumps(config)})
+    write_atomic(path, save(state, metadata={"adapter": adapter, "scaling": json.dumps(config)}))
     return path
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_lora_file(path: Path) -> tuple[str, dict[str, float], dict[str, torch.Tensor]]:
+    """(stored adapter name, {layer name: alpha / r}, tensors) of a file written by save_lora; raises naming it."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file (cut short?): {error}") from None
+    if "scaling" not in metadata or "adapter" not in metadata:
+        raise ValueError(f"{path} is not a LoRA adapter file written by save_lora (no scaling metadata)")
+    try:
+        scalings = json.loads(metadata["scaling"])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: its scaling metadata is not valid JSON: {error}") from None
+    bad = {name: value for name, value in scalings.items() if not is_finite_number(value)}
+    if bad:
+        raise ValueError(f"{path}: alpha / r must be finite numbers; got {bad}")
+    return metadata["adapter"], scalings, tensors
+
+
+def adapter_shapes(base: nn.Linear | nn.Conv2d, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of A and B in a rank-r adapter of `base`, as LoRALayer.add_adapter makes them."""
+    if isinstance(base, nn.Linear):
+        return (rank, base.in_features), (base.out_features, rank)
+    return (rank, base.in_channels, *base.kernel_size), (base.out_channels, rank, 1, 1)
+
+
+def check_lora_layer(
+    model: nn.Module, path: Path, layer_name: str, A: torch.Tensor, B: torch.Tensor, adapter: str
+) -> int:
+    """Check that the file's A and B fit the model's layer `layer_name` without changing the model; returns the rank."""
+    try:
+        module = model.get_submodule(layer_name)
+    except AttributeError:
+        raise ValueError(f"{path} has an adapter for {layer_name!r}, which this model lacks (another model?)") from None
+    if isinstance(module, LoRALayer):
+        if adapter in module.lora_A:
+            raise ValueError(f"{path}: {layer_name} already has an adapter named {adapter!r}; pass adapter=NEW_NAME")
+        module = module.base_layer
+    if not isinstance(module, nn.Linear | nn.Conv2d) or getattr(module, "groups", 1) != 1:
+        raise ValueError(f"{path} has an adapter for {layer_name}, a {type(module).__name__}: not a layer LoRA wraps")
+    rank = A.shape[0] if A.ndim else 0
+    expected = adapter_shapes(module, rank)
+    if rank < 1 or (tuple(A.shape), tuple(B.shape)) != expected:
+        raise ValueError(
+            f"{path} does not fit {layer_name}: A {tuple(A.shape)}, B {tuple(B.shape)}; "
+            f"this layer takes A {expected[0]}, B {expected[1]} at rank {rank}"
+        )
+    return rank
 
 
 def load_lora(model: nn.Module, path: Path | str, adapter: str | None = None) -> str:
     """Inject the adapter stored at `path` into `model` (built as before, without it) and load its weights.
-    Returns the adapter's name (the stored one unless `adapter` renames it)."""
+    Returns the adapter's name (the stored one unless `adapter` renames it).
+
+    A shipped adapter (a file in the data folder) is checked against data/SHA256SUMS first. Every layer of the file
+    is checked against the model before any is changed, so a file that does not fit leaves the model as it was."""
     path = Path(path)
-    with safe_open(path, "pt") as f:
-        metadata = f.metadata() or {}
-        if "scaling" not in metadata:
-            raise ValueError(f"{path} is not a LoRA adapter file written by save_lora (no scaling metadata)")
-        stored = metadata["adapter"]
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    if is_shipped(path):
+        verify_file(path, "python scripts/train_lora.py --style STYLE (data/README.md names each adapter's command)")
+    stored, scalings, tensors = read_lora_file(path)
     name = adapter or stored
-    scalings = json.loads(metadata["scaling"])
-    for layer_name, scaling in scalings.items():
-        rank = tensors[f"{layer_name}.lora_A.{stored}.weight"].shape[0]
-        add_lora(model, layer_name, rank, scaling * rank, name)
-    layers = lora_layers(model)
+    keys = {layer: (f"{layer}.lora_A.{stored}.weight", f"{layer}.lora_B.{stored}.weight") for layer in scalings}
+    missing = sorted(key for pair in keys.values() for key in pair if key not in tensors)
+    unexpected = sorted(set(tensors) - {key for pair in keys.values() for key in pair})
+    if missing or unexpected:
+        raise ValueError(f"{path} is inconsistent: missing tensors {missing[:3]}, unexpected {unexpected[:3]}")
+    ranks = {
+        layer: check_lora_layer(model, path, layer, tensors[a], tensors[b], name) for layer, (a, b) in keys.items()
+    }
+    for layer, scaling in scalings.items():
+        add_lora(model, layer, ranks[layer], scaling * ranks[layer], name)
     with torch.no_grad():
-        for key, value in tensors.items():
-            layer_name, _, rest = key.partition(".lora_")
-            part = "lora_A" if rest.startswith("A.") else "lora_B"
-            getattr(layers[layer_name], part)[name].weight.copy_(value)  # copy_ converts the dtype
+        for layer, (a, b) in keys.items():
+            module = model.get_submodule(layer)
+            module.lora_A[name].weight.copy_(tensors[a])  # copy_ converts the dtype
+            module.lora_B[name].weight.copy_(tensors[b])
     return name

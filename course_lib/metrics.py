@@ -12,10 +12,12 @@ distribution, at the same sample count.
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 
-from course_lib.data import IMAGE_SIZE, load_digits
+from course_lib.checks import check_images
+from course_lib.data import load_digits
 from course_lib.nets.classifier import DigitClassifier
 from course_lib.profiles import get_device
 from course_lib.weights import load_card, load_weights
@@ -68,17 +70,6 @@ def load_digit_classifier(device: torch.device | str | None = None) -> DigitClas
     return load_weights(model.to(device if device is not None else get_device()), CLASSIFIER_NAME)
 
 
-def check_images(images: torch.Tensor, name: str = "images") -> None:
-    """Raise unless `images` is a batch of digits (N, 1, 28, 28) with N >= 1."""
-    shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1:] != (1, IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(f"{name} must be digit images (N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}); got {shape}")
-    if len(images) == 0:
-        raise ValueError(f"{name} is empty: shape {shape}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} hold {(~torch.isfinite(images)).sum().item()} NaN or infinite values")
-
-
 @torch.no_grad()
 def _classifier_outputs(classifier: DigitClassifier, images: torch.Tensor, batch_size: int, logits: bool):
     check_images(images)
@@ -128,14 +119,20 @@ def class_histogram(classifier: DigitClassifier, images: torch.Tensor) -> torch.
     return torch.bincount(probabilities.argmax(dim=1), minlength=probabilities.shape[1]).double() / len(images)
 
 
-def class_spread(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+def class_spread(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor | None = None) -> float:
     """Diversity within classes: the root mean squared distance of each image's classifier features to the mean
     feature of its class, averaged over the classes present. Guidance that collapses every seven onto one
-    prototype lowers it; compare with real digits' spread (their own labels) at the same n."""
+    prototype lowers it; compare with real digits' spread at the same n.
+
+    Images are grouped by the label the classifier reads (labels=None), not by the label a sampler was asked for:
+    grouped by the asked label, a weakly guided run's wrong-class samples would inflate its spread, and the
+    measure would count accuracy a second time. Given `labels`, it groups by those instead."""
+    features = classifier_features(classifier, images).double()
+    if labels is None:
+        labels = classifier_probabilities(classifier, images).argmax(dim=1)  # (N,) the label the classifier reads
     labels = torch.as_tensor(labels).cpu()
     if labels.shape != (len(images),):
         raise ValueError(f"need one label per image: {len(images)} images, labels of shape {tuple(labels.shape)}")
-    features = classifier_features(classifier, images).double()
     spreads = []
     for label in labels.unique():
         members = features[labels == label]
@@ -247,17 +244,85 @@ def sample_scores(classifier: DigitClassifier, samples: torch.Tensor, seed: int 
     """Generated digits (n, 1, 28, 28) against n held-out digits, each score beside its real-vs-real floor at n
     (the same n held-out digits as `real_floor(classifier, n, seed)`).
 
-    Returns {"n", "fid", "fid_floor", "kid", "kid_floor", "confident_fraction"}."""
+    Returns {"n", "fid", "fid_sd", "fid_floor", "fid_floor_sd", "kid", "kid_floor", "confident_fraction"}: the
+    spreads are bootstrap standard deviations (`fid_with_spread`); two FIDs differ only beyond their spreads."""
     check_images(samples, "samples")
     n = len(samples)
     heldout, train = (classifier_features(classifier, images) for images in real_digits(n, seed))
     generated = classifier_features(classifier, samples)
     kid_of = lambda a, b: kid(a, b, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    fid_value, fid_sd = fid_with_spread(generated, heldout, seed=seed)
+    floor, floor_sd = fid_with_spread(train, heldout, seed=seed)
     return {
         "n": n,
-        "fid": fid(generated, heldout),
-        "fid_floor": fid(train, heldout),
+        "fid": fid_value,
+        "fid_sd": fid_sd,
+        "fid_floor": floor,
+        "fid_floor_sd": floor_sd,
         "kid": kid_of(generated, heldout),
         "kid_floor": kid_of(train, heldout),
         "confident_fraction": confident_fraction(classifier, samples),
+    }
+
+
+# --- spread, and what a fine-tune must keep -----------------------------------------------------------------------
+
+
+def fid_with_spread(
+    features_a: torch.Tensor, features_b: torch.Tensor, repeats: int = 50, seed: int = 0
+) -> tuple[float, float]:
+    """(FID, its bootstrap standard deviation): FID of the two feature sets as they are, and the standard deviation
+    of FID over `repeats` resamplings of both sets with replacement (Efron 1979). Two FIDs at the same n are told
+    apart only when their gap exceeds their spreads; a bootstrap FID is biased upwards (repeated rows), so the
+    spread is read beside the plain FID, never instead of it."""
+    a, b = _check_features(features_a, features_b)
+    if repeats < 2:
+        raise ValueError(f"repeats must be >= 2 to give a spread; got {repeats}")
+    generator = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(repeats):
+        rows_a = torch.randint(len(a), (len(a),), generator=generator)  # (N,) with repeats
+        rows_b = torch.randint(len(b), (len(b),), generator=generator)  # (M,)
+        draws.append(fid(a[rows_a], b[rows_b]))
+    return fid(a, b), torch.tensor(draws).std().item()
+
+
+def kept_and_changed(
+    classifier: DigitClassifier,
+    samples: torch.Tensor,
+    base_samples: torch.Tensor,
+    restyle: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> dict:
+    """What a fine-tuned model must keep, measured on its samples beside its base model's (same n, same noise).
+
+    Each model is read against the real digits it should resemble: the base model against held-out digits, the
+    fine-tune against the same held-out digits passed through `restyle` (the style it was taught; None: unstyled).
+    FID against unstyled digits would punish the very change that was asked for. For each: the class histogram
+    (and its largest share: 0.10 is perfectly balanced), the confident fraction, FID with its bootstrap spread;
+    and the same reading of the real sets themselves ("reference": what a perfect model of them would score, as
+    the classifier may read bold real digits less surely than thin ones), with the real floor of FID at this n."""
+    check_images(samples, "samples")
+    check_images(base_samples, "base_samples")
+    restyle = restyle or (lambda images: images)
+    n = len(samples)
+    heldout, train = real_digits(n, seed)
+    report = {"n": n}
+    pairs = (("model", samples, restyle(heldout), restyle(train)), ("base", base_samples, heldout, train))
+    for name, images, real, other_real in pairs:
+        real_features = classifier_features(classifier, real)
+        fid_value, fid_sd = fid_with_spread(classifier_features(classifier, images), real_features, seed=seed)
+        floor, floor_sd = fid_with_spread(classifier_features(classifier, other_real), real_features, seed=seed)
+        report[name] = {**_class_reading(classifier, images), "fid": fid_value, "fid_sd": fid_sd}
+        report[name]["reference"] = {**_class_reading(classifier, real), "floor_fid": floor, "floor_fid_sd": floor_sd}
+    report["fid_ratio"] = report["model"]["fid"] / report["base"]["fid"]
+    return report
+
+
+def _class_reading(classifier: DigitClassifier, images: torch.Tensor) -> dict:
+    histogram = class_histogram(classifier, images)
+    return {
+        "histogram": histogram.tolist(),
+        "largest_class_share": histogram.max().item(),
+        "confident_fraction": confident_fraction(classifier, images),
     }

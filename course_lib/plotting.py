@@ -24,10 +24,14 @@ def image_grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
     return grid
 
 
-def show_images(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None):
-    """Draw `image_grid(images, nrow)` in grey on ax (a new figure if None)."""
+CELL_INCHES = 0.9  # each digit's side in a new figure: at 110 dpi, about 100 screen pixels, enough to see a stroke
+
+
+def show_images(images: torch.Tensor, nrow: int = 8, title: str | None = None, ax=None, figsize=None):
+    """Draw `image_grid(images, nrow)` in grey on ax (a new figure of `figsize`, or CELL_INCHES per digit, if None)."""
     if ax is None:
-        _, ax = plt.subplots(figsize=(nrow * 0.6, -(-len(images) // nrow) * 0.6 + 0.4))
+        rows = -(-len(images) // nrow)
+        _, ax = plt.subplots(figsize=figsize or (nrow * CELL_INCHES, rows * CELL_INCHES + 0.4))
     ax.imshow(image_grid(images, nrow), cmap="gray", vmin=0, vmax=255)
     ax.set_axis_off()
     if title:

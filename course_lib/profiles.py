@@ -120,13 +120,34 @@ def get_profile() -> Profile:
     return PROFILES[profile_name()]
 
 
+def available_devices() -> list[str]:
+    """The values of COURSE_DEVICE this machine can honour: cuda and cuda:N per GPU, mps if available, cpu."""
+    count = torch.cuda.device_count()
+    cuda = ["cuda", *(f"cuda:{index}" for index in range(count))] if count else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    return [*cuda, *mps, "cpu"]
+
+
+def requested_device(name: str) -> torch.device:
+    """The device COURSE_DEVICE=name asks for, checked against what this machine has."""
+    kind, colon, index = name.partition(":")
+    if kind not in DEVICE_NAMES or (colon and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"COURSE_DEVICE={name!r} is not a device; valid: cuda, cuda:N, mps, cpu")
+    available = available_devices()
+    if name not in available:
+        count = torch.cuda.device_count() if kind == "cuda" else int(torch.backends.mps.is_available())
+        raise ValueError(
+            f"COURSE_DEVICE={name!r} asks for a {kind} device this machine lacks (it has {count or 'none'}); "
+            f"valid here: {', '.join(available)} (or unset COURSE_DEVICE to pick the best one)"
+        )
+    return torch.device(name)
+
+
 def get_device() -> torch.device:
-    """The device to compute on: `COURSE_DEVICE` if set, else CUDA, else MPS, else the CPU."""
+    """The device to compute on: `COURSE_DEVICE` if set (checked to exist here), else CUDA, else MPS, else the CPU."""
     name = os.environ.get("COURSE_DEVICE", "").strip()
     if name:
-        if name.split(":")[0] not in DEVICE_NAMES:
-            raise ValueError(f"COURSE_DEVICE={name!r} is not a device; valid: {', '.join(DEVICE_NAMES)}")
-        return torch.device(name)
+        return requested_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -153,3 +174,12 @@ def describe_machine() -> str:
         cpu = names[0] if names else cpu
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{os.cpu_count()} cores ({cpu}){gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a timer around it measures it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

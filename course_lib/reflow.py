@@ -6,8 +6,8 @@ is the loss that trains on `reflow_pairs`.
 
 import torch
 
-from course_lib.ddpm import check_choice
-from course_lib.flow import SOLVERS, VelocityModel, euler_sample, heun_sample
+from course_lib.checks import check_choice
+from course_lib.flow import SOLVERS, VelocityModel, euler_flow_sample, heun_flow_sample
 
 
 @torch.no_grad()
@@ -23,7 +23,7 @@ def reflow_pairs(
     """(noise, sample): each noise carried to t = 0 by the flow's ODE, the coupling that reflow trains the next flow
     on (Liu et al. 2023: "reflow", the rectify map (X_0, X_1) -> (Z_0, Z_1)); `reflow_loss` trains on it.
 
-    solver is "heun" (`heun_sample`, the default: the pairs should follow the ODE closely) or "euler"; batch_size
+    solver is "heun" (`heun_flow_sample`, the default: the pairs should follow the ODE closely) or "euler"; batch_size
     splits a large noise tensor (and cond with it) into batches. The sample has noise's device and dtype.
     """
     check_choice("solver", solver, SOLVERS)
@@ -31,7 +31,7 @@ def reflow_pairs(
         raise ValueError(f"batch_size must be >= 1 or None; got batch_size={batch_size!r}")
     if cond is not None and len(cond) != len(noise):
         raise ValueError(f"cond has {len(cond)} entries for {len(noise)} noise samples")
-    sample_fn = heun_sample if solver == "heun" else euler_sample
+    sample_fn = heun_flow_sample if solver == "heun" else euler_flow_sample
     size = batch_size or len(noise)
     samples = []
     for start in range(0, len(noise), size):

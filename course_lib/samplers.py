@@ -20,25 +20,27 @@ A model is any callable `model(xt, t)` with t a (B,) integer tensor; it knows no
 """
 
 import math
+from itertools import pairwise
 
 import torch
 
-from course_lib.ddpm import PREDICTION_TYPES, Denoiser, check_choice, split_prediction
-from course_lib.forward import check_same_shape
+from course_lib.checks import (
+    as_integer,
+    check_choice,
+    check_finite,
+    check_model_output,
+    check_model_predicts,
+    check_record_every,
+    check_same_shape,
+    check_single_timestep,
+    check_steps,
+    should_record,
+)
+from course_lib.ddpm import PREDICTION_TYPES, Denoiser, split_output, split_prediction
 from course_lib.profiles import randn_like
 from course_lib.schedules import Schedule, check_T, gather
 
 SPACINGS = ("leading", "trailing", "linspace")
-
-
-def check_steps(steps, T: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in 1..T (T={T}); got steps={steps!r}")
-
-
-def should_record(i: int, steps: int, record_every: int) -> bool:
-    """Record every `record_every` steps counted back from the last one, so the last step is always recorded."""
-    return record_every > 0 and (steps - 1 - i) % record_every == 0
 
 
 def check_clip(clip_x0: bool | float) -> None:
@@ -46,31 +48,34 @@ def check_clip(clip_x0: bool | float) -> None:
         raise ValueError(f"clip_x0 must be True / False or a positive range r (clamp to [-r, r]); got {clip_x0!r}")
 
 
-def check_record_every(record_every: int) -> None:
-    if record_every < 0:
-        raise ValueError(f"record_every must be >= 0; got {record_every}")
-
-
 # --- which timesteps to visit ---------------------------------------------------------------------------------
 
 
-def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+def spaced_timesteps(T: int, steps: int, spacing: str = "trailing", steps_offset: int = 0) -> list[int]:
     r"""The sub-sequence $\tau$ of `steps` timesteps, noisiest first, as diffusers' `DDIMScheduler.set_timesteps`.
 
-        leading    $k \lfloor T/n \rfloor$ for $k = 0..n-1$: from $(n-1)\lfloor T/n \rfloor$ down to 0
+        leading    $k \lfloor T/n \rfloor + o$ for $k = 0..n-1$: from $(n-1)\lfloor T/n \rfloor + o$ down to o
         trailing   $\mathrm{round}(k\,T/n) - 1$ for $k = 1..n$: from $T-1$ down to $\mathrm{round}(T/n) - 1$
         linspace   $n$ points evenly spaced in $[0, T-1]$, rounded: from $T-1$ down to 0
 
     "leading" (diffusers' default for DDIM) never visits t = T-1, so with schedules that keep some signal there
     the sampler starts from the wrong distribution; Lin et al. 2024 ("sample from the last timestep") recommend
     "trailing", the course's default. After the last listed timestep a sampler steps to the clean data (t = -1).
+    steps_offset (o, diffusers' option of that name; Stable Diffusion's configs set 1) shifts the "leading"
+    timesteps up; as in diffusers, the other two spacings ignore it.
     """
-    check_T(T)
-    check_steps(steps, T)
+    T = check_T(T)
+    steps = check_steps(steps, T)
     check_choice("spacing", spacing, SPACINGS)
+    offset = as_integer(steps_offset)
+    if offset is None or offset < 0:
+        raise ValueError(f"steps_offset must be an integer >= 0; got steps_offset={steps_offset!r}")
     if spacing == "leading":
         step_ratio = T // steps
-        return [i * step_ratio for i in reversed(range(steps))]
+        if (steps - 1) * step_ratio + offset > T - 1:
+            largest = (steps - 1) * step_ratio + offset
+            raise ValueError(f"steps_offset={offset} puts the first timestep at {largest}, past T - 1 = {T - 1}")
+        return [i * step_ratio + offset for i in reversed(range(steps))]
     if spacing == "trailing":
         # numpy's arange(T, 0, -T/steps), which diffusers uses, adds i times the rounded step (T - T/steps) - T;
         # the same arithmetic here makes the lists equal even where a point falls on a rounding tie
@@ -125,7 +130,10 @@ def ddim_step(
     x0_hat, $\hat\epsilon = (x_t - \sqrt{\bar\alpha_t}\,\hat x_0) / \sqrt{1 - \bar\alpha_t}$, so that the
     step's two terms agree. It changes little for a plain model, and a lot under strong guidance, whose
     extrapolated noise is far from any the network was trained on (chapter 7 measures it).
+    t and t_next are integers in -1..T-1: ints, numpy integers or 0-d tensors.
     """
+    t = check_single_timestep("t", t, schedule.T, clean_data=True)
+    t_next = check_single_timestep("t_next", t_next, schedule.T, clean_data=True)
     check_clip(clip_x0)
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: as much noise as DDPM); got eta={eta}")
@@ -146,9 +154,9 @@ def ddim_step(
         raise ValueError("use_clipped_model_output=True re-derives the noise from a clipped x0_hat: set clip_x0")
     if clip_x0:
         x0_hat = x0_hat.clamp(-float(clip_x0), float(clip_x0))
-        if use_clipped_model_output:
+        if use_clipped_model_output:  # eps_hat from the clipped x0_hat, as an x0-prediction would give it
             alpha_bar_t = _alpha_bar(schedule, t, xt)
-            eps_hat = (xt - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
+            eps_hat = split_output(xt, x0_hat, "x0", alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt())[1]
     # 2. the standard deviation of the added noise (eq. 16), zero at eta = 0 (where it can be 0 / 0 when inverting)
     alpha_bar_t, alpha_bar_next = _alpha_bar(schedule, t, xt), _alpha_bar(schedule, t_next, xt)
     std = torch.zeros_like(alpha_bar_t)
@@ -177,25 +185,36 @@ def ddim_sample(
     clip_x0: bool | float = False,
     record_every: int = 0,
     use_clipped_model_output: bool = False,
+    steps_offset: int = 0,
+    set_alpha_to_one: bool = True,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
-    """Run `ddim_step` from x_T (pure noise) through `spaced_timesteps(T, steps, spacing)` down to a sample of x0.
+    """Run `ddim_step` from x_T (pure noise) through `spaced_timesteps(T, steps, spacing, steps_offset)` down to a
+    sample of x0.
 
     Each step goes to the next listed timestep, the paper's sub-sequence tau, and the last one to the clean data.
     (diffusers' `DDIMScheduler.step` always goes to t - T // steps instead: the same for "leading", and for
     "trailing" when steps divides T, but not for "linspace", where its steps skip past the listed timesteps.)
+    set_alpha_to_one=False (diffusers' option, False in Stable Diffusion's configs) ends the last step at the noise
+    level of t = 0, alpha_bar_0, instead of the clean data: the sample keeps a trace of noise (sqrt(1 - alpha_bar_0)).
     With eta > 0 one noise tensor is drawn per step, after the model call, as `ddpm_sample` does.
     Returns (x0, trajectory): trajectory holds (t, x_t, x0_hat) every `record_every` steps, counted back from the
     last step (always recorded); empty when record_every is 0. The device and dtype come from x_T.
+    A model whose `prediction_type` attribute differs from prediction_type is refused; a NaN or infinity in x_T or
+    in a model output raises, saying at which step.
     """
-    check_record_every(record_every)
-    timesteps = spaced_timesteps(schedule.T, steps, spacing)
+    check_model_predicts(model, prediction_type)
+    record_every = check_record_every(record_every)
+    check_finite("x_T", x_T)
+    timesteps = spaced_timesteps(schedule.T, steps, spacing, steps_offset)
+    steps = len(timesteps)
+    t_final = -1 if set_alpha_to_one else 0  # the clean data, or the noise level of t = 0
     trajectory = []
     xt = x_T
-    for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < steps else -1
+    for i, (t, t_next) in enumerate(pairwise([*timesteps, t_final])):
         # 1. the network's output at this step, for the whole batch
         t_batch = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
         model_output = model(xt, t_batch)
+        check_model_output(model_output, xt, f"t={t} (DDIM step {i + 1} of {steps})")
         # 2. one DDIM step, with fresh noise when eta > 0
         noise = randn_like(xt, generator) if eta > 0 else None
         x_next, x0_hat = ddim_step(
@@ -226,16 +245,20 @@ def ddim_invert(
     called on the current state x_s at the target timestep t. That approximation, and the Euler method's own
     error, make the round trip exact only as steps grows. Returns (x_T, trajectory): trajectory holds
     (t, x_t, x0_hat) for the states reached, every `record_every` steps counted back from the last one.
+    Refuses a model that declares another prediction_type, and NaN as `ddim_sample` does.
     """
-    check_record_every(record_every)
+    check_model_predicts(model, prediction_type)
+    record_every = check_record_every(record_every)
+    check_finite("x0", x0)
     timesteps = list(reversed(spaced_timesteps(schedule.T, steps, spacing)))
+    steps = len(timesteps)
     trajectory = []
     x = x0
-    for i, t in enumerate(timesteps):
-        t_now = timesteps[i - 1] if i > 0 else -1  # the first step leaves the clean data
+    for i, (t_now, t) in enumerate(pairwise([-1, *timesteps])):  # the first step leaves the clean data, t = -1
         # 1. the network's output at the timestep this step goes to, on the current state
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         model_output = model(x, t_batch)
+        check_model_output(model_output, x, f"t={t} (DDIM inversion step {i + 1} of {steps})")
         # 2. one deterministic DDIM step up to t
         x, x0_hat = ddim_step(schedule, model_output, t_now, t, x, prediction_type=prediction_type)
         if should_record(i, steps, record_every):

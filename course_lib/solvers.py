@@ -9,7 +9,8 @@ Both solve the same ODE as deterministic DDIM, in other coordinates:
     DPM-Solver++  the log-SNR time lambda = log_snr / 2; it integrates the data prediction x0_hat exactly in its
                   linear part and approximates x0_hat as linear in lambda over each step (second order)
     Euler/Karras  the variance-exploding (VE) view x = x_t / sqrt(alpha_bar_t) = x0 + sigma eps, with
-                  sigma = sqrt((1 - alpha_bar) / alpha_bar), on noise levels spaced by EDM's eq. 5
+                  sigma = sqrt((1 - alpha_bar) / alpha_bar), on noise levels spaced by EDM's eq. 5 (or on
+                  diffusers' plain "linspace" levels, `linspace_sigmas`)
     (the two are tied by lambda = -log(sigma))
 
 Code name -> paper symbol:
@@ -30,12 +31,26 @@ A model is any callable `model(xt, t)` on the course's x_t. DPM-Solver++ calls i
 the Euler sampler with (B,) float32 timesteps that fall between integers (see `sigma_to_timestep`).
 """
 
+from itertools import pairwise
+
 import torch
 
-from course_lib.ddpm import PREDICTION_TYPES, Denoiser, check_choice, split_prediction
-from course_lib.forward import check_same_shape
-from course_lib.samplers import SPACINGS, check_record_every, check_steps, should_record, spaced_timesteps
-from course_lib.schedules import Schedule, gather
+from course_lib.checks import (
+    check_choice,
+    check_finite,
+    check_model_output,
+    check_model_predicts,
+    check_record_every,
+    check_same_shape,
+    check_steps,
+    should_record,
+)
+from course_lib.ddpm import PREDICTION_TYPES, Denoiser, split_output, split_prediction
+from course_lib.samplers import SPACINGS, spaced_timesteps
+from course_lib.schedules import Schedule, check_T, gather
+
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")  # diffusers' final_sigmas_type: the last step's target
+SIGMA_SPACINGS = ("karras", "linspace")  # Euler's noise levels: Karras et al.'s, or diffusers' plain ones
 
 # --- DPM-Solver++(2M) -----------------------------------------------------------------------------------------
 
@@ -48,7 +63,8 @@ def dpm_solver_timesteps(T: int, steps: int, spacing: str = "linspace") -> list[
     diffusers' default is "linspace", which starts at T - 1.
     """
     check_choice("spacing", spacing, SPACINGS)
-    check_steps(steps, T)
+    T = check_T(T)
+    steps = check_steps(steps, T)
     if spacing == "trailing":
         return spaced_timesteps(T, steps, spacing)
     if steps + 1 > T:
@@ -134,6 +150,8 @@ def dpm_solver_sample(
     spacing: str = "linspace",
     clip_x0: bool = False,
     record_every: int = 0,
+    final_sigmas_type: str = "zero",
+    lower_order_final: bool = True,
 ) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """DPM-Solver++(2M) from x_T (pure noise) down to a sample of x0, one model call per step.
 
@@ -141,22 +159,36 @@ def dpm_solver_sample(
     first order at the first step (no history yet) and at the last one, to the clean data (`lower_order_final`,
     `final_sigmas_type="zero"`), second order in between. clip_x0 clips every x0_hat to [-1, 1] before it is used,
     as diffusers' `thresholding=True` with `sample_max_value=1.0` does (its dynamic threshold is then always 1).
-    Returns (x0, trajectory) as `ddim_sample` does.
+    Returns (x0, trajectory) as `ddim_sample` does; refuses a model that declares another prediction_type, and NaN,
+    as `ddim_sample` does.
+
+    diffusers' other settings of the two options (rules of its `step`, kept as they are):
+        final_sigmas_type="sigma_min"  the last step ends at the noise level of t = 0, not at the clean data
+        lower_order_final              the last step is first order when it goes to the clean data (it must: h is
+                                       infinite there), or when lower_order_final is set and steps < 15; so with
+                                       "sigma_min" and 15 steps or more, or lower_order_final=False, it is second order
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    check_record_every(record_every)
+    check_choice("final_sigmas_type", final_sigmas_type, FINAL_SIGMAS_TYPES)
+    check_model_predicts(model, prediction_type)
+    record_every = check_record_every(record_every)
+    check_finite("x_T", x_T)
     timesteps = dpm_solver_timesteps(schedule.T, steps, spacing)
+    steps = len(timesteps)
+    t_final = -1 if final_sigmas_type == "zero" else 0  # the clean data, or the noise level of t = 0
+    first_order_last = final_sigmas_type == "zero" or (lower_order_final and steps < 15)  # diffusers' rule
     trajectory = []
     xt, x0_hat_last, t_last = x_T, None, None
-    for i, t in enumerate(timesteps):
-        t_next = timesteps[i + 1] if i + 1 < steps else -1
+    for i, (t, t_next) in enumerate(pairwise([*timesteps, t_final])):
         # 1. the network's estimate of the clean data: DPM-Solver++ integrates the data prediction
         t_batch = torch.full((xt.shape[0],), t, device=xt.device, dtype=torch.long)
-        x0_hat, _ = split_prediction(schedule, xt, t, model(xt, t_batch), prediction_type)
+        model_output = model(xt, t_batch)
+        check_model_output(model_output, xt, f"t={t} (DPM-Solver++ step {i + 1} of {steps})")
+        x0_hat, _ = split_prediction(schedule, xt, t, model_output, prediction_type)
         if clip_x0:
             x0_hat = x0_hat.clamp(-1, 1)
-        # 2. first order without history and into the clean data, second order otherwise
-        if x0_hat_last is None or t_next == -1:
+        # 2. first order without history and (see above) at the last step, second order otherwise
+        if x0_hat_last is None or (i == steps - 1 and first_order_last):
             x_next = dpm_solver_first_order_step(schedule, x0_hat, xt, t, t_next)
         else:
             x_next = dpm_solver_second_order_step(schedule, x0_hat, x0_hat_last, xt, t, t_last, t_next)
@@ -169,7 +201,7 @@ def dpm_solver_sample(
 # --- Euler with Karras sigmas ---------------------------------------------------------------------------------
 
 
-def karras_sigmas(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: float | None = None) -> torch.Tensor:
     r"""The noise levels of EDM (Karras et al. 2022, eq. 5), then 0: float64, shape (steps + 1,), decreasing.
 
     $$\sigma_i = \Big(\sigma_{max}^{1/\rho} + \frac{i}{N - 1}\big(\sigma_{min}^{1/\rho} - \sigma_{max}^{1/\rho}\big)
@@ -178,15 +210,43 @@ def karras_sigmas(schedule: Schedule, steps: int, rho: float = 7.0) -> torch.Ten
     with $\sigma_{min}$, $\sigma_{max}$ the VE noise levels of t = 0 and t = T-1 (diffusers' default "linspace"
     spacing; for steps = 1 that spacing has the single timestep 0, so diffusers' one level is sigma_min, ours
     sigma_max). rho = 7 crowds the steps at low noise, where the ODE's path bends most.
+
+    sigma_max caps the top level (diffusers' `sigma_max`; EDM samples from 80). The cosine schedule's last, clipped
+    beta puts its sigma_max at 2 x 10^4, and with rho = 7 most levels then land above 600, all mapped to fractional
+    timesteps between 998 and 999: network calls spent where the state is pure noise. Capping (say at 80) moves
+    them to where the digit forms; the start x = sigma_max x_T is then noise of the capped size, whose data part
+    (std 0.6 against 80) is negligible.
     """
-    check_steps(steps, schedule.T)
+    steps = check_steps(steps, schedule.T)
     if rho <= 0:
         raise ValueError(f"rho must be > 0; got rho={rho}")
     log_sigmas = -schedule.log_snr.double() / 2  # (T,) log sigma_t = -lambda_t
-    sigma_min, sigma_max = log_sigmas[0].exp(), log_sigmas[-1].exp()
+    sigma_min, sigma_top = log_sigmas[0].exp(), log_sigmas[-1].exp()
+    if sigma_max is not None and not sigma_min < sigma_max:
+        raise ValueError(f"sigma_max must exceed the schedule's sigma_min {sigma_min.item():.3g}; got {sigma_max}")
+    sigma_max = sigma_top if sigma_max is None else torch.tensor(float(sigma_max), dtype=torch.float64)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)  # i / (N - 1)
     sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+
+
+def linspace_sigmas(schedule: Schedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise levels of plain Euler, diffusers' `EulerDiscreteScheduler` with its defaults ("linspace" spacing,
+    no Karras sigmas): (sigmas, timesteps).
+
+    timesteps: `steps` points evenly spaced over [0, T - 1], noisiest first, fractional in general (float32, (steps,):
+    what the network is told, as numpy's float32 linspace gives them). sigmas: the VE noise level at each, linearly
+    interpolated in sigma between the integer timesteps around it, then 0 (float64, (steps + 1,)). diffusers
+    interpolates sigma here but log sigma on its Karras path (`sigma_to_timestep`); at integer timesteps they agree.
+    """
+    steps = check_steps(steps, schedule.T)
+    timesteps = torch.linspace(0, schedule.T - 1, steps, dtype=torch.float64).float().flip(0)  # (steps,)
+    sigma_table = (-schedule.log_snr.double() / 2).exp()  # (T,) sigma_t = exp(-lambda_t)
+    t = timesteps.double()
+    low = t.floor().long().clamp(0, max(schedule.T - 2, 0))
+    w = t - low
+    sigmas = (1 - w) * sigma_table[low] + w * sigma_table[(low + 1).clamp(max=schedule.T - 1)]
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]), timesteps
 
 
 def sigma_to_timestep(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
@@ -194,7 +254,7 @@ def sigma_to_timestep(schedule: Schedule, sigma: torch.Tensor) -> torch.Tensor:
 
     A Karras noise level falls between two of the schedule's, and the network was trained on integer t only;
     diffusers' `EulerDiscreteScheduler` (with `use_karras_sigmas=True`) hands the network this fractional t, found
-    by linear interpolation of log sigma_t = -log_snr_t / 2 over t, and so does `euler_sample`. Levels outside
+    by linear interpolation of log sigma_t = -log_snr_t / 2 over t, and so does `euler_karras_sample`. Levels outside
     [sigma_0, sigma_{T-1}] give 0 or T - 1. float64, the shape of sigma. `sigma_of_timestep` is the inverse.
     """
     if (sigma <= 0).any():
@@ -210,7 +270,7 @@ def sigma_of_timestep(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     """The VE noise level at a timestep t in [0, T - 1], integer or not: the inverse of `sigma_to_timestep`.
 
     A model that looks its noise level up by t (the exact denoiser of `course_lib.toy`) can use this to run under
-    `euler_sample`: alpha_bar = 1 / (1 + sigma^2). float64, the shape of t.
+    `euler_karras_sample`: alpha_bar = 1 / (1 + sigma^2). float64, the shape of t.
     """
     t = t.double()
     if t.numel() and (t.min() < 0 or t.max() > schedule.T - 1):
@@ -221,7 +281,7 @@ def sigma_of_timestep(schedule: Schedule, t: torch.Tensor) -> torch.Tensor:
     return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
 
 
-def euler_step(
+def euler_karras_step(
     model_output: torch.Tensor,
     x: torch.Tensor,
     sigma: torch.Tensor | float,
@@ -235,22 +295,16 @@ def euler_step(
     $$\frac{dx}{d\sigma} = \frac{x - D(x; \sigma)}{\sigma},\qquad
       x_{next} = x + (\sigma_{next} - \sigma)\,\frac{x - D(x; \sigma)}{\sigma}$$
 
-    D(x; sigma) = x0_hat comes from the network's output: $x - \sigma\hat\epsilon$ for eps,
+    D(x; sigma) = x0_hat comes from the network's output through `ddpm.split_output` on the VE state
+    $x = x_0 + \sigma\epsilon$ (signal 1, noise sigma): $x - \sigma\hat\epsilon$ for eps,
     $x / (1 + \sigma^2) - \sigma\,\hat v / \sqrt{1 + \sigma^2}$ for v, the output itself for x0. With eps the slope
     is $\hat\epsilon$ itself: this is deterministic DDIM on other noise levels (DDIM eq. 14).
     clip_x0 clips D to [-1, 1] before the slope is taken (as `ddim_step` clips x0_hat); diffusers' Euler scheduler
     has no such option. Returns (x_next, x0_hat). Equal to diffusers' `EulerDiscreteScheduler.step` (no churn) on
-    the same inputs when clip_x0 is False.
+    the same inputs when clip_x0 is False. (`flow.euler_flow_step` is the Euler step of a flow's ODE in t.)
     """
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    check_same_shape(x=x, model_output=model_output)
     # 1. the denoised estimate D(x; sigma)
-    if prediction_type == "eps":
-        x0_hat = x - sigma * model_output
-    elif prediction_type == "v":
-        x0_hat = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-    else:
-        x0_hat = model_output
+    x0_hat, _ = split_output(x, model_output, prediction_type, 1, sigma)
     if clip_x0:
         x0_hat = x0_hat.clamp(-1, 1)
     # 2. the slope dx/dsigma, then one step along it
@@ -259,7 +313,7 @@ def euler_step(
 
 
 @torch.no_grad()
-def euler_sample(
+def euler_karras_sample(
     model: Denoiser,
     schedule: Schedule,
     x_T: torch.Tensor,
@@ -268,29 +322,46 @@ def euler_sample(
     rho: float = 7.0,
     clip_x0: bool = False,
     record_every: int = 0,
+    sigma_spacing: str = "karras",
+    sigma_max: float | None = None,
 ) -> tuple[torch.Tensor, list[tuple[float, torch.Tensor, torch.Tensor]]]:
-    """The Euler method on `karras_sigmas(schedule, steps, rho)`, from x_T (pure noise) to a sample of x0.
+    """The Euler method of Karras et al. (`euler_karras_step`) on `karras_sigmas(schedule, steps, rho, sigma_max)`,
+    from x_T (pure noise) to a sample of x0; with sigma_spacing="linspace", on diffusers' plain levels
+    (`linspace_sigmas`; sigma_max must then be None).
 
-    As diffusers' `EulerDiscreteScheduler(use_karras_sigmas=True)`: the VE state starts at sigma_max * x_T
-    (its `init_noise_sigma`); the network sees the course's x_t = x / sqrt(1 + sigma^2) (its `scale_model_input`)
-    and the fractional timestep `sigma_to_timestep(schedule, sigma)` as float32. Returns (x0, trajectory) as
-    `ddim_sample` does, with fractional t and the course's x_t in the trajectory. clip_x0: see `euler_step`.
+    As diffusers' `EulerDiscreteScheduler(use_karras_sigmas=True)` (False for "linspace"): the VE state starts at
+    sigma_max * x_T (its `init_noise_sigma`); the network sees the course's x_t = x / sqrt(1 + sigma^2) (its
+    `scale_model_input`) and the fractional timestep of the level as float32 (`sigma_to_timestep` for Karras
+    levels). Returns (x0, trajectory) as `ddim_sample` does, with fractional t and the course's x_t in the
+    trajectory. clip_x0: see `euler_karras_step`. Refuses a model that declares another prediction_type, and NaN,
+    as `ddim_sample` does.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-    check_record_every(record_every)
-    sigmas = karras_sigmas(schedule, steps, rho)  # (steps + 1,) float64
-    timesteps = sigma_to_timestep(schedule, sigmas[:-1]).float()  # (steps,) what the network is told
+    check_choice("sigma_spacing", sigma_spacing, SIGMA_SPACINGS)
+    check_model_predicts(model, prediction_type)
+    record_every = check_record_every(record_every)
+    check_finite("x_T", x_T)
+    if sigma_spacing == "linspace" and sigma_max is not None:
+        raise ValueError(f"sigma_max={sigma_max} caps Karras levels only; sigma_spacing='linspace' takes None")
+    if sigma_spacing == "karras":
+        sigmas = karras_sigmas(schedule, steps, rho, sigma_max)  # (steps + 1,) float64
+        timesteps = sigma_to_timestep(schedule, sigmas[:-1]).float()  # (steps,) what the network is told
+    else:
+        sigmas, timesteps = linspace_sigmas(schedule, steps)
+    where = [f"sigma={sigma:.4g}, t={t:.2f}" for sigma, t in zip(sigmas.tolist(), timesteps.tolist(), strict=False)]
     sigmas = sigmas.to(device=x_T.device, dtype=x_T.dtype)
+    steps = len(timesteps)
     trajectory = []
-    x = sigmas[0] * x_T
-    for i in range(steps):
+    x = sigmas[0] * x_T  # (B, ...) the VE state
+    for i, (t, (sigma, sigma_next)) in enumerate(zip(timesteps.tolist(), pairwise(sigmas), strict=True)):
         # 1. the network's output on the course's x_t, at the fractional timestep of this noise level
-        xt = x / (sigmas[i] ** 2 + 1) ** 0.5
-        t_batch = torch.full((x.shape[0],), timesteps[i].item(), device=x.device, dtype=torch.float32)
+        xt = x / (sigma**2 + 1) ** 0.5
+        t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         model_output = model(xt, t_batch)
+        check_model_output(model_output, xt, f"{where[i]} (Euler step {i + 1} of {steps})")
         # 2. one Euler step to the next noise level
-        x_next, x0_hat = euler_step(model_output, x, sigmas[i], sigmas[i + 1], prediction_type, clip_x0)
+        x_next, x0_hat = euler_karras_step(model_output, x, sigma, sigma_next, prediction_type, clip_x0)
         if should_record(i, steps, record_every):
-            trajectory.append((timesteps[i].item(), xt.cpu(), x0_hat.cpu()))
+            trajectory.append((t, xt.cpu(), x0_hat.cpu()))
         x = x_next
     return x, trajectory

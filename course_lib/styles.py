@@ -8,7 +8,8 @@ taken on a style is a number, not an impression.
 import torch
 import torch.nn.functional as F
 
-from course_lib.metrics import check_images
+from course_lib.checks import check_images
+from course_lib.data import load_digits
 
 
 def embolden(images: torch.Tensor) -> torch.Tensor:
@@ -29,3 +30,19 @@ def shear(images: torch.Tensor, amount: float) -> torch.Tensor:
     theta = torch.tensor([[1.0, amount * H / W, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype, device=images.device)
     grid = F.affine_grid(theta.expand(B, 2, 3), list(images.shape), align_corners=False)
     return F.grid_sample(images + 1, grid, padding_mode="zeros", align_corners=False) - 1
+
+
+def balanced_digits(per_class: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """per_class digits of every class from a split, picked by label with a seeded permutation: (images, labels),
+    classes interleaved. Style data are chosen so, never as "the first n digits" (the shipped adapters were once
+    trained on the first 500 of a label-sorted file: 400 zeros and 100 ones)."""
+    images, labels = load_digits(split)
+    if not 1 <= per_class <= int(torch.bincount(labels).min()):
+        raise ValueError(
+            f"per_class must lie in 1..{int(torch.bincount(labels).min())} for split {split!r}; got {per_class}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [(labels == digit).nonzero().flatten() for digit in range(10)]
+    chosen = [rows[torch.randperm(len(rows), generator=generator)[:per_class]] for rows in chosen]
+    index = torch.stack(chosen, dim=1).flatten()  # (per_class * 10,): 0, 1, ..., 9, 0, 1, ...
+    return images[index], labels[index]

@@ -18,8 +18,10 @@ checkpoint and on when to stop (the main process decides), and only the main pro
 """
 
 import copy
+import hashlib
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,11 +30,26 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from course_lib.ddpm import check_choice, simple_loss
-from course_lib.flow import flow_loss, reflow_loss
+from course_lib.checks import check_choice
+from course_lib.ddpm import simple_loss
+from course_lib.edm import edm_loss
+from course_lib.flow import TIME_SAMPLINGS, flow_loss, reflow_loss
 from course_lib.schedules import Schedule
 
-OBJECTIVES = ("ddpm", "flow", "reflow")
+# Every objective's loss, called the same way: (model, schedule, x0, generator, cond, config) -> scalar.
+LOSSES = {
+    "ddpm": lambda model, schedule, x0, generator, cond, config: simple_loss(
+        model, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond
+    ),
+    "flow": lambda model, schedule, x0, generator, cond, config: flow_loss(
+        model, x0, generator, cond, config.time_sampling
+    ),
+    "reflow": lambda model, schedule, x0, generator, cond, config: reflow_loss(
+        model, x0, generator, cond, config.time_sampling
+    ),
+    "edm": lambda model, schedule, x0, generator, cond, config: edm_loss(model, x0, generator, cond),
+}
+OBJECTIVES = tuple(LOSSES)
 
 
 @dataclass
@@ -44,9 +61,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max gradient norm (None: no clipping)
     ema_decay: float | None = 0.999  # EMA decay after warm-up (None: no EMA)
-    objective: str = "ddpm"  # "ddpm": simple_loss; "flow": flow_loss; "reflow": reflow_loss on (B, 2, ...) pairs
+    objective: str = "ddpm"  # "ddpm": simple_loss; "flow": flow_loss; "reflow": reflow_loss on (B, 2, ...) pairs;
+    #                          "edm": edm.edm_loss (the model is EDM's raw network F)
     prediction_type: str = "eps"  # what a "ddpm" model predicts (flow models always predict the velocity)
     min_snr_gamma: float | None = None  # min-SNR loss weighting (Hang et al. 2023); None: the plain simple loss
+    time_sampling: str = "uniform"  # how "flow" / "reflow" draw t: "uniform" or "logit_normal" (flow.sample_times)
     seed: int = 0
     checkpoint_every_s: float = 300.0  # seconds between checkpoints when a checkpoint file is given
 
@@ -57,8 +76,18 @@ class TrainConfig:
                 f"batch_size={self.batch_size}, warmup={self.warmup}"
             )
         check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0; got lr={self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0, or None for no clipping; got grad_clip={self.grad_clip}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in (0, 1); got {self.ema_decay}")
+        if self.min_snr_gamma is not None and self.objective != "ddpm":
+            raise ValueError(
+                f"min_snr_gamma={self.min_snr_gamma} weights the 'ddpm' loss only; objective {self.objective!r} "
+                "would ignore it: set min_snr_gamma=None"
+            )
 
 
 def warmup_cosine(step: int, steps: int, warmup: int) -> float:
@@ -125,7 +154,11 @@ def train(
     the new ones draw from a fresh seed). Every process must see the same checkpoint file.
     """
     if config.objective == "ddpm" and schedule is None:
-        raise ValueError('the "ddpm" objective needs the schedule; only "flow" and "reflow" take schedule=None')
+        raise ValueError('the "ddpm" objective needs the schedule; the others ("flow", "reflow", "edm") take None')
+    if len(data) == 0:
+        raise ValueError(f"no training data: data has shape {tuple(data.shape)}")
+    if budget_s is not None and not budget_s >= 0:
+        raise ValueError(f"budget_s must be >= 0 seconds (0: one step; None: no budget); got budget_s={budget_s}")
     if accelerator is not None:
         model.to(accelerator.device)  # the accelerator places the model (as its prepare would)
     device = next(model.parameters()).device
@@ -134,8 +167,9 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(model, config.ema_decay) if config.ema_decay else None
     state = TrainState()
+    identity = run_identity(schedule, data)
     if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, model, optimizer, ema, generator, config, rank)
+        state = load_checkpoint(checkpoint, model, optimizer, ema, generator, config, rank, identity)
     # what the loop calls: the model and optimiser themselves, or the accelerator's wrappers around them
     net, opt, backward, clip_grad_norm = model, optimizer, torch.Tensor.backward, torch.nn.utils.clip_grad_norm_
     if accelerator is not None:
@@ -144,55 +178,88 @@ def train(
         steps = accelerator.gather(torch.tensor([state.step], device=device)).tolist()
         if len(set(steps)) > 1:
             raise ValueError(f"the processes start at different steps {steps}: they must all see {checkpoint}")
-    lr_lambda = lambda step: warmup_cosine(step, config.steps, config.warmup)  # noqa: E731
+    loss_of = LOSSES[config.objective]
     start, last_save = time.perf_counter(), time.perf_counter()
+
+    def save() -> None:
+        elapsed = time.perf_counter() - start
+        save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed, accelerator, identity)
+
     model.train()
     bar = tqdm(total=config.steps, initial=state.step, disable=not progress or rank > 0, desc="training")
-    while state.step < config.steps:
-        # 1. a random minibatch of clean data
-        index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-        x0 = data[index].to(device)
-        cond = condition(index, generator).to(device) if condition is not None else None
-        # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
-        if config.objective == "ddpm":
-            loss = simple_loss(net, schedule, x0, generator, config.prediction_type, config.min_snr_gamma, cond)
-        elif config.objective == "flow":
-            loss = flow_loss(net, x0, generator, cond)
-        else:
-            loss = reflow_loss(net, x0, generator, cond)
-        # 3. one optimiser step at this step's learning rate, then the EMA
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_lambda(state.step)
-        opt.zero_grad(set_to_none=True)
-        backward(loss)
-        if config.grad_clip is not None:
-            clip_grad_norm(model.parameters(), config.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-        state.step += 1
-        # 4. checkpoint and stop on time (several processes: as the main process says, so that all stop together)
-        elapsed = time.perf_counter() - start
-        loss_value = loss.item()
-        save = checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s
-        stop = budget_s is not None and elapsed > budget_s
-        if accelerator is not None:
-            loss_value, save, stop = agree(accelerator, loss_value, save, stop)
-        state.losses.append(loss_value)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if save:
-            save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed, accelerator)
-            last_save = time.perf_counter()
-        if stop:
-            break
-    bar.close()
-    model.eval()
+    try:
+        while state.step < config.steps:
+            # 1. a random minibatch of clean data
+            index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+            x0 = data[index].to(device)
+            cond = condition(index, generator).to(device) if condition is not None else None
+            # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
+            loss = loss_of(net, schedule, x0, generator, cond, config)
+            # 3. the gradient at this step's learning rate; a non-finite loss or gradient stops the run before the
+            #    optimiser step and before any save, so the checkpoint keeps the last good state
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * warmup_cosine(state.step, config.steps, config.warmup)
+            opt.zero_grad(set_to_none=True)
+            check_finite("loss", loss, state.step, checkpoint)
+            backward(loss)
+            grad_norm = clip_grad_norm(model.parameters(), config.grad_clip or math.inf)
+            check_finite("gradient norm", grad_norm, state.step, checkpoint)
+            # 4. one optimiser step, then the EMA
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            state.step += 1
+            # 5. checkpoint and stop on time (several processes: as the main process says, so all stop together)
+            loss_value = loss.item()
+            time_to_save = checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s
+            stop = budget_s is not None and time.perf_counter() - start > budget_s
+            if accelerator is not None:
+                loss_value, time_to_save, stop = agree(accelerator, loss_value, time_to_save, stop)
+            state.losses.append(loss_value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if time_to_save:
+                save()
+                last_save = time.perf_counter()
+            if stop:
+                break
+    except KeyboardInterrupt:  # the notebook's Stop button: keep what was trained, then stop as asked
+        if checkpoint is not None and accelerator is None:
+            save()
+            print(f"interrupted at step {state.step}: saved {checkpoint}; the same call resumes from there")
+        raise
+    finally:
+        bar.close()
+        model.eval()
     if checkpoint is not None:
-        elapsed = time.perf_counter() - start
-        save_checkpoint(checkpoint, model, optimizer, ema, generator, config, state, elapsed, accelerator)
+        save()
     state.seconds += time.perf_counter() - start
     return state, ema
+
+
+def check_finite(what: str, value: torch.Tensor, step: int, checkpoint) -> None:
+    """Raise FloatingPointError if a training loss or gradient norm is NaN or infinite (before anything is saved)."""
+    if not torch.isfinite(value).all():
+        kept = f"; {checkpoint} still holds the last good state" if checkpoint is not None else ""
+        raise FloatingPointError(
+            f"the {what} is {value.item()} at step {step}: training diverged (NaN in the data, or too large a "
+            f"learning rate?){kept}"
+        )
+
+
+def run_identity(schedule: Schedule | None, data: torch.Tensor) -> dict:
+    """What a run trains on besides its config: the schedule's name and a fingerprint of its betas, and the data's
+    shape and a fingerprint of its values. A checkpoint records them; resuming with others is refused."""
+    schedule_id = None
+    if schedule is not None:
+        schedule_id = f"{schedule.name}, T={schedule.T}, {fingerprint(schedule.betas)}"
+    return {"schedule": schedule_id, "data": f"{tuple(data.shape)}, {fingerprint(data)}"}
+
+
+def fingerprint(tensor: torch.Tensor) -> str:
+    """The first 16 hex digits of the sha256 of a tensor's float32 values (as stored on the CPU)."""
+    values = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    return hashlib.sha256(values.tobytes()).hexdigest()[:16]
 
 
 def agree(accelerator, loss: float, save: bool, stop: bool) -> tuple[float, bool, bool]:
@@ -201,7 +268,9 @@ def agree(accelerator, loss: float, save: bool, stop: bool) -> tuple[float, bool
     return rows[:, 0].mean().item(), bool(rows[0, 1]), bool(rows[0, 2])
 
 
-def save_checkpoint(path, model, optimizer, ema, generator, config, state, elapsed, accelerator=None) -> None:
+def save_checkpoint(
+    path, model, optimizer, ema, generator, config, state, elapsed, accelerator=None, identity=None
+) -> None:
     """Everything `train` needs to continue, written atomically (a crash never leaves half a file).
 
     With an accelerator every process calls it (to hand over its generator state) and the main process writes."""
@@ -215,6 +284,7 @@ def save_checkpoint(path, model, optimizer, ema, generator, config, state, elaps
         "step": state.step,
         "losses": torch.tensor(state.losses),
         "seconds": state.seconds + elapsed,
+        "identity": identity or {},
     }
     if accelerator is not None:  # (processes, state size): process k's generator in row k
         payload["generators"] = accelerator.gather(generator.get_state()[None].to(accelerator.device)).cpu()
@@ -227,17 +297,32 @@ def save_checkpoint(path, model, optimizer, ema, generator, config, state, elaps
         accelerator.wait_for_everyone()  # the file is complete before any process goes on
 
 
-def load_checkpoint(path, model, optimizer, ema, generator, config, rank: int = 0) -> TrainState:
+def load_checkpoint(path, model, optimizer, ema, generator, config, rank: int = 0, identity=None) -> TrainState:
     """Restore a checkpoint written by `save_checkpoint` (tensors only: loaded with weights_only=True).
 
+    Refused, with what differs, if the checkpoint was written with another config, schedule or data (`identity`,
+    from `run_identity`; a checkpoint from before identities were recorded is not checked for them).
     Process `rank` takes its own generator state if the checkpoint holds one (a single-process checkpoint holds
     that of rank 0); otherwise it draws from a fresh seed, config.seed + rank + 1,000,003 x the step."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error)[:120]}); delete it to start "
+            "the run afresh, or restore it (git checkout, or the .tmp file beside it if a save was cut short)"
+        ) from error
     saved = {**asdict(TrainConfig()), **payload["config"]}  # fields added since the save count at their defaults
     if saved != asdict(config):
         changed = {k: (v, asdict(config)[k]) for k, v in saved.items() if asdict(config)[k] != v}
         raise ValueError(f"{path} was written with another configuration (saved, asked): {changed}")
-    model.load_state_dict(payload["model"])
+    saved_identity = payload.get("identity") or {}
+    different = {k: (v, (identity or {}).get(k)) for k, v in saved_identity.items() if (identity or {}).get(k) != v}
+    if identity is not None and different:
+        raise ValueError(f"{path} was written for another schedule or other data (saved, asked): {different}")
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path} holds another architecture's weights: {str(error)[:300]}") from error
     optimizer.load_state_dict(payload["optimizer"])
     if ema is not None:
         ema.model.load_state_dict(payload["ema"])

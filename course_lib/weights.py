@@ -6,24 +6,27 @@ in float16 to keep the files small and loaded back as float32.
 """
 
 import importlib
+import inspect
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from course_lib.data import data_dir, record_sha256, verify_file
+from course_lib.data import data_dir, record_sha256, verify_file, write_atomic
 
 STORAGE_DTYPE = torch.float16
+PREDICTION_TYPES = ("eps", "x0", "v", "velocity", "edm")  # what a card's denoiser may predict
 
 
 def save_weights(model: torch.nn.Module, name: str, card: dict, folder: Path | None = None) -> Path:
-    """Write NAME.safetensors (float16) and NAME.json, and record both sha256 in the folder's SHA256SUMS."""
+    """Write NAME.safetensors (float16) and NAME.json, and record both sha256 in the folder's SHA256SUMS.
+    Each file is replaced whole (`write_atomic`): a kill mid-save leaves the old file, never half of one."""
     folder = Path(folder) if folder is not None else data_dir()
     tensors = {key: value.detach().to("cpu", STORAGE_DTYPE).contiguous() for key, value in model.state_dict().items()}
     weights_path, card_path = folder / f"{name}.safetensors", folder / f"{name}.json"
-    save_file(tensors, weights_path, metadata={"card": f"{name}.json"})
-    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    write_atomic(weights_path, save(tensors, metadata={"card": f"{name}.json"}))
+    write_atomic(card_path, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     record_sha256(weights_path)
     record_sha256(card_path)
     return weights_path
@@ -34,7 +37,13 @@ def load_card(name: str, folder: Path | None = None) -> dict:
     folder = Path(folder) if folder is not None else data_dir()
     path = folder / f"{name}.json"
     verify_file(path, f"the script that trains {name} (data/README.md lists each file with its script)")
-    return json.loads(path.read_text())
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(card, dict):
+        raise ValueError(f"{path} holds a JSON {type(card).__name__}; a card is a JSON object")
+    return card
 
 
 def load_weights(
@@ -74,11 +83,62 @@ def model_config(card: dict) -> dict:
     return {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
 
 
-def load_model(name: str, device: torch.device | str = "cpu", folder: Path | None = None) -> torch.nn.Module:
-    """Build the model a card names (a class of course_lib only), load its weights and return it in eval mode."""
-    card = load_card(name, folder)
-    module_name, _, class_name = card["model"]["class"].rpartition(".")
+def card_class(card: dict, path: Path) -> type:
+    """The course_lib class that a card's "model" entry names; raises naming the card file and the bad field."""
+    if not isinstance(card.get("model"), dict):
+        raise ValueError(f'{path} has no "model" entry (the class and its arguments); its fields: {sorted(card)}')
+    if "class" not in card["model"]:
+        fields = sorted(card["model"])
+        raise ValueError(f'{path}: the "model" entry has no "class" (say "course_lib.nets.unet.UNet"); it has {fields}')
+    qualified = card["model"]["class"]
+    module_name, _, class_name = str(qualified).rpartition(".")
     if not module_name.startswith("course_lib."):
-        raise ValueError(f"the card of {name} names {card['model']['class']!r}; only course_lib classes are built")
-    model_class = getattr(importlib.import_module(module_name), class_name)
-    return load_weights(model_class(**model_config(card)).to(device), name, folder)
+        raise ValueError(f"{path} names {qualified!r}; only course_lib classes are built")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"{path} names {qualified!r}, which course_lib does not have") from None
+
+
+def build_model(model_class: type, card: dict, path: Path) -> torch.nn.Module:
+    """model_class(**model_config(card)); raises naming the card and any field the class does not take."""
+    config = model_config(card)
+    parameters = inspect.signature(model_class).parameters.values()
+    arguments = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(config) - set(arguments))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in parameters):
+        valid = ", ".join(arguments)
+        raise ValueError(f"{path}: {unknown} are not arguments of {model_class.__name__}; valid: {valid}")
+    try:
+        return model_class(**config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f'{path}: its "model" entry does not build a {model_class.__name__}: {error}') from error
+
+
+def card_prediction_type(card: dict, path: Path) -> str | None:
+    """What the card's denoiser predicts ("prediction_type"); None for a model whose card has no "schedule" (the
+    digit classifier, the VAE): those are not denoisers."""
+    if "prediction_type" not in card:
+        if "schedule" in card:
+            raise ValueError(f"{path} has no prediction_type; valid: {', '.join(PREDICTION_TYPES)}")
+        return None
+    value = card["prediction_type"]
+    if value not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{path}: prediction_type={value!r} is not one of the course's; valid: {', '.join(PREDICTION_TYPES)}"
+        )
+    return value
+
+
+def load_model(name: str, device: torch.device | str = "cpu", folder: Path | None = None) -> torch.nn.Module:
+    """Build the model a card names (a class of course_lib only), load its weights and return it in eval mode.
+
+    The model's `prediction_type` attribute says what it predicts, from its card ("eps", "x0", "v", "velocity",
+    "edm"; None for a model that is not a denoiser), so that samplers can refuse a mismatch."""
+    card = load_card(name, folder)
+    path = (Path(folder) if folder is not None else data_dir()) / f"{name}.json"
+    prediction_type = card_prediction_type(card, path)
+    model = build_model(card_class(card, path), card, path)
+    model = load_weights(model.to(device), name, folder)
+    model.prediction_type = prediction_type
+    return model

@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 # %% [markdown]
 # # Chapter 1: Forward diffusion in 1D
@@ -300,15 +304,17 @@ print(f"autograd estimate: {x0_value.grad.item():.3f}   exact: {exact:.3f}")
 #
 # ## Exercises
 #
-# Each exercise has a reference solution in the cell under it, so the notebook runs end to end: replace it with
-# your own and run the check.
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
 #
 # **Exercise 1.** Compute $\bar\alpha_{499}$ of the linear schedule as a product of $(1 - \beta_t)$ using a sum of
 # logarithms (`torch.log1p`), which is how you would do it for very long schedules without underflow.
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
 answer_1 = torch.log1p(-betas[:500]).sum().exp().item()  # reference solution
+### END SOLUTION
 
 # %%
 assert abs(answer_1 - schedule.alpha_bar[499].item()) < 1e-6, f"alpha_bar_499 is {schedule.alpha_bar[499]:.6f}"
@@ -319,10 +325,12 @@ print("Exercise 1: correct")
 # sampling*. Hint: $\mathrm{Var}[x_t] = \bar\alpha_t \mathrm{Var}[x_0] + 1 - \bar\alpha_t$, and the variance of a
 # mixture is $\sum_k \pi_k (s_k^2 + \mu_k^2) - (\sum_k \pi_k \mu_k)^2$.
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 weights, means, stds = mixture.weights, mixture.means[:, 0], mixture.stds  # reference solution
 variance_x0 = (weights * (stds**2 + means**2)).sum() - (weights * means).sum() ** 2
 answer_2 = (schedule.alpha_bar[100] * variance_x0 + 1 - schedule.alpha_bar[100]).item()
+### END SOLUTION
 
 # %%
 sampled = states[100].var().item()
@@ -333,8 +341,10 @@ print(f"Exercise 2: exact {answer_2:.3f}, sampled {sampled:.3f}")
 # **Exercise 3.** A schedule with a constant $\beta_t = \beta$ has $\bar\alpha_t = (1-\beta)^{t+1}$. Which constant
 # $\beta$ gives the same $\bar\alpha_{T-1}$ as the linear schedule with $T = 1000$?
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 answer_3 = 1 - schedule.alpha_bar[-1].double().item() ** (1 / 1000)  # reference solution
+### END SOLUTION
 
 # %%
 constant = make_schedule("linear", T=1000, beta_start=answer_3, beta_end=answer_3)

@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 # %% [markdown]
 # # Chapter 2: Noise schedules
@@ -62,7 +66,7 @@ from course_lib.plotting import image_grid, show_strip
 from course_lib.profiles import get_device, get_profile, randn_like
 from course_lib.schedules import DIFFUSERS_BETA_SCHEDULE, SCHEDULE_NAMES, gather, make_schedule
 
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 profile = get_profile()
 device = get_device()
 print(f"profile: {profile.name} ({profile.toy_samples} noise draws per estimate), device: {device}")
@@ -182,10 +186,12 @@ print(
 # | `linear` | $\beta_t = \beta_{start} + u\,(\beta_{end} - \beta_{start})$ (Ho et al. 2020) |
 # | `cosine` | $\bar\alpha_t = f((t+1)/T) / f(0)$, above (Nichol & Dhariwal 2021) |
 # | `quadratic` | $\sqrt{\beta_t} = \sqrt{\beta_{start}} + u\,(\sqrt{\beta_{end}} - \sqrt{\beta_{start}})$ |
-# | `sigmoid` | $\beta_t = \beta_{start} + (\beta_{end} - \beta_{start})\,\sigma(12u - 6)$ (Jabri et al. 2023) |
+# | `sigmoid` | $\beta_t = \beta_{start} + (\beta_{end} - \beta_{start})\,\sigma(12u - 6)$ (Xu et al. 2022, GeoDiff) |
 #
 # `quadratic` is diffusers' `scaled_linear`, the schedule of Stable Diffusion (Rombach et al. 2022) with other
-# endpoints; `sigmoid` is diffusers' `sigmoid`. These three take $\beta_{start} = 10^{-4}$, $\beta_{end} = 0.02$
+# endpoints; `sigmoid` is diffusers' `sigmoid`, a sigmoid on $\beta$ from GeoDiff (Xu et al. 2022). It is not the
+# sigmoid schedule of Jabri et al. 2023 and Chen 2023, which puts a sigmoid on $\bar\alpha$ itself, with a start, an
+# end and a temperature $\tau$. These three take $\beta_{start} = 10^{-4}$, $\beta_{end} = 0.02$
 # by default. The log-SNR,
 # $\log\big(\bar\alpha_t / (1 - \bar\alpha_t)\big)$, is the most telling curve: it is positive while the signal
 # has more variance than the noise and negative after.
@@ -471,17 +477,19 @@ else:
 #
 # ## Exercises
 #
-# Each exercise has a reference solution in the cell below it, so that the notebook runs end to end: replace it
-# with your own and run the check.
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
 #
 # **Exercise 1.** Find the first $t$ at which the linear schedule's SNR falls below 1, i.e. the noise has more
 # variance than the signal, and the same for the cosine schedule. How many more steps does the cosine schedule
 # keep the signal on top? Why is this also the first $t$ at which $\bar\alpha_t < 1/2$?
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 t_linear = int((schedules["linear"].snr < 1).nonzero()[0])
 t_cosine = int((schedules["cosine"].snr < 1).nonzero()[0])
 print(f"SNR < 1 from t = {t_linear} (linear) and t = {t_cosine} (cosine): {t_cosine - t_linear} steps later")
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -495,10 +503,12 @@ print("exercise 1: correct")
 # $\sqrt{0.02}$, then squared), compute their $\bar\alpha_t$ in float64 and compare with
 # `make_schedule("quadratic")`.
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 betas_quadratic = torch.linspace(1e-4**0.5, 0.02**0.5, T, dtype=torch.float64) ** 2
 alpha_bar_quadratic = torch.cumprod(1 - betas_quadratic, dim=0)
 print(f"alpha_bar at t = T-1: {alpha_bar_quadratic[-1].item():.4e}")
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -513,15 +523,18 @@ print("exercise 2: correct")
 # **Exercise 3.** Zero terminal SNR (Lin et al. 2024, Algorithm 1). Take Stable Diffusion's schedule,
 # `terminal["quadratic (SD)"]`, and rescale $\sqrt{\bar\alpha_t}$ linearly so that it is unchanged at $t = 0$ and
 # exactly 0 at $t = T-1$: subtract its last value, then multiply so that the first value is restored. Compute the
-# new $\bar\alpha_t$ in float64. (Its last $\beta$ is 1, which `make_schedule` refuses, so work with the table.)
+# new $\bar\alpha_t$ in float64. (Its last $\beta$ is 1; the check compares yours with diffusers' and with the
+# library's `make_schedule(..., zero_terminal_snr=True)`, which chapter 11 trains a model on.)
 # What is now the brightness shift of the training inputs at $t = T-1$?
 
-# %%
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 sqrt_alpha_bar = terminal["quadratic (SD)"].alpha_bar.double().sqrt()
 first, last = sqrt_alpha_bar[0], sqrt_alpha_bar[-1]
 alpha_bar_zero_snr = ((sqrt_alpha_bar - last) * first / (first - last)) ** 2
 shift_zero_snr = IMAGE_SIZE * alpha_bar_zero_snr[-1].sqrt().item() * images.mean().item()
 print(f"alpha_bar at t = T-1: {alpha_bar_zero_snr[-1].item():.2g}, brightness shift there: {shift_zero_snr + 0.0:.2f}")
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -535,5 +548,7 @@ theirs = DDPMScheduler(
 assert alpha_bar_zero_snr[-1] == 0, f"the terminal alpha_bar must be exactly 0; got {alpha_bar_zero_snr[-1].item()}"
 assert torch.isclose(alpha_bar_zero_snr[0], sqrt_alpha_bar[0] ** 2), "alpha_bar at t = 0 must not change"
 assert (alpha_bar_zero_snr - theirs).abs().max() <= 1e-5, "differs from diffusers' rescale_betas_zero_snr=True"
+library = make_schedule("quadratic", T, beta_start=0.00085, beta_end=0.012, zero_terminal_snr=True).alpha_bar
+assert (alpha_bar_zero_snr - library.double()).abs().max() <= 1e-5, "differs from course_lib's zero_terminal_snr"
 assert shift_zero_snr == 0, f"with zero terminal SNR no brightness leaks; got a shift of {shift_zero_snr}"
 print("exercise 3: correct")

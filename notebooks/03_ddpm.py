@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 # %% [markdown]
 # # Chapter 3: DDPM, the maths and a first trained denoiser
@@ -79,7 +83,7 @@ device = get_device()
 # This chapter's networks are tiny: on the course's 2-core test machine one CPU thread trained them as fast as two,
 # and kept that speed when other programs shared the cores, where two threads slowed down 5-20x.
 torch.set_num_threads(1)
-plt.rcParams["figure.dpi"] = 80  # keeps the stored figures small
+plt.rcParams["figure.dpi"] = 110  # keeps the stored figures small
 print(f"profile: {profile.name} | device: {device}")
 print(f"per model: {profile.toy_samples} training points, {profile.toy_train_steps} steps of batch", end=" ")
 print(f"{profile.toy_batch_size}, {profile.toy_model_samples} samples")
@@ -220,7 +224,14 @@ plt.show()
 #   p_\theta(x_{t-1} \mid x_t)\big)}_{L_{t-1}}
 #   \underbrace{- \log p_\theta(x_0 \mid x_{t=0})}_{\text{decoder}},$$
 #
-# and each $L_{t-1}$ compares two Gaussians. Let the model output a noise estimate $\hat\epsilon$, turn it into
+# **Two zeros, one notation.** In this course (as in diffusers) the *states* are $x_t$ for $t = 0, \dots, T-1$, and
+# the state at index 0 is already noised once: $x_{t=0} = \sqrt{1 - \beta_0}\,x_0 + \sqrt{\beta_0}\,\epsilon$. The
+# *clean data* $x_0$ has no index of its own; it is what comes before $t = 0$ (Ho et al. index it as step 0 and
+# their states from 1 to $T$, so their $x_1$ is our $x_{t=0}$). That is why `alpha_bar_prev` is 1 at $t = 0$,
+# why the posterior of section 2 at $t = 0$ is the point $x_0$, and why the last term above is a decoder from
+# $x_{t=0}$ to the clean $x_0$. Wherever both could be meant, the course writes $x_{t=0}$ for the state.
+#
+# Each $L_{t-1}$ compares two Gaussians. Let the model output a noise estimate $\hat\epsilon$, turn it into
 # $\hat x_0$, and use the posterior mean with $\hat x_0$ in place of $x_0$: $\mu_\theta = \tilde\mu_t(\hat x_0, x_t)$.
 # For two Gaussians with the same variance the KL is the squared distance of the means over $2\sigma_t^2$, and only
 # the $x_0$ term of $\tilde\mu_t$ differs:
@@ -654,20 +665,24 @@ for (data_name, sampler), (distance_value, mode_error_value) in results.items():
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** A v-prediction network returns `v_hat` at noisy points `xt` and steps `t`. Compute `x0_hat` and
 # `eps_hat` from it with your own formulas (section 4), without the library's conversion functions.
 
-# %%
+# %% tags=["solution", "hide-input"]
 generator = torch.Generator().manual_seed(30)
 xt = torch.randn(16, 2, generator=generator, dtype=torch.float64)
 v_hat = torch.randn(16, 2, generator=generator, dtype=torch.float64)
 t = torch.randint(0, T, (16,), generator=generator)
 
-# reference solution: replace with your own
+### BEGIN SOLUTION
 a = schedule.alpha_bar.double()[t, None].sqrt()
 s = (1 - schedule.alpha_bar.double()[t, None]).sqrt()
 x0_hat = a * xt - s * v_hat
 eps_hat = s * xt + a * v_hat
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -683,8 +698,8 @@ print("exercise 1: correct")
 # ("fixed_small") give similar samples. Sample the 1D model with `variance_type="fixed_large"` and compute the mode
 # proportions of the samples; they should match the true weights (0.3, 0.7) within 0.05.
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 generator = torch.Generator().manual_seed(31)
 x_T = torch.randn(n_samples, 1, generator=generator)
 samples_large, _ = ddpm_sample(model_1d, schedule, x_T.to(device), generator, variance_type="fixed_large")
@@ -692,6 +707,7 @@ proportions_large = mode_proportions(samples_large.cpu(), mixture_1d.means)
 print("fixed_large mode proportions:", [round(p, 3) for p in proportions_large.tolist()])
 floor_mean, floor_sd = floors["1D"][0][0].item(), floors["1D"][1][0].item()
 print(f"W1 to the data: {distance(samples_large, reference_1d):.4f} (floor {floor_mean:.4f} +- {floor_sd:.4f})")
+### END SOLUTION
 
 # %%
 assert torch.allclose(proportions_large, mixture_1d.weights, atol=0.05), f"proportions {proportions_large.tolist()}"
@@ -703,8 +719,8 @@ print("exercise 2: the fixed_large sampler matches the mode weights within 0.05"
 # $\epsilon$ error in that KL: $\big(KL(\hat\epsilon) - KL(\epsilon)\big) / \lVert \epsilon - \hat\epsilon
 # \rVert^2$, with torch's `kl_divergence`, and compare it with $\beta_t / (2\alpha_t(1 - \bar\alpha_t))$.
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 t = torch.arange(1, T)
 generator = torch.Generator().manual_seed(32)
 x0, eps = torch.randn(2, T - 1, generator=generator, dtype=torch.float64)
@@ -720,6 +736,7 @@ def kl_to_model(eps_prediction):
 
 
 weight_large = (kl_to_model(eps_hat) - kl_to_model(eps)) / (eps - eps_hat) ** 2
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -44,7 +48,8 @@ if "google.colab" in sys.modules:
 # 2. follow a tensor's shape through the down path, the middle and the up path with its skip connections;
 # 3. count parameters and FLOPs, and say where a UNet's compute goes;
 # 4. train a UNet with EMA weights and sample it with DDIM;
-# 5. explain why sampling the cosine schedule needs `clip_x0=True`, and judge samples with a classifier.
+# 5. explain why an eps-prediction model on this cosine schedule (whose last beta is clipped) needs `clip_x0=True`,
+#    measure how often the clip acts, and judge samples with a classifier.
 
 # %%
 import time
@@ -54,15 +59,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib.benchmark import DiffusersUNet, gflops_per_image, parameter_count, training_images_per_second
+from course_lib.claims import check_claim
 from course_lib.data import load_digits
-from course_lib.ddpm import simple_loss
+from course_lib.ddpm import simple_loss, x0_from_eps
 from course_lib.metrics import confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.embedding import timestep_embedding
 from course_lib.nets.unet import ResBlock, SelfAttention, UNet
 from course_lib.plotting import plot_losses, show_images, show_strip
 from course_lib.profiles import get_device, get_profile
 from course_lib.samplers import ddim_sample
-from course_lib.schedules import make_schedule
+from course_lib.schedules import gather, make_schedule
 from course_lib.train import EMA, warmup_cosine
 from course_lib.weights import load_card, load_weights, model_config
 
@@ -70,7 +76,7 @@ profile = get_profile()
 device = get_device()
 # One thread: on the course's shared 2-core test machine it kept its speed when other programs ran beside it.
 torch.set_num_threads(1)
-plt.rcParams["figure.dpi"] = 80  # keeps the stored figures small
+plt.rcParams["figure.dpi"] = 110  # keeps the stored figures small
 print(f"profile: {profile.name} | device: {device}")
 print(f"live training: {profile.unet_train_steps} steps of batch {profile.unet_batch_size}", end=" | ")
 print(f"DDIM steps: {profile.sample_steps} | digits scored: {profile.unet_samples}")
@@ -271,8 +277,43 @@ fig.suptitle("EMA samples during live training (same noise each time)")
 plt.show()
 
 # %% [markdown]
-# A few hundred steps turn noise into strokes and blobs that begin to look like digits; the shipped model trained
-# for thousands of steps of a wider network. Let us load it.
+# How far did the live run get? Chapter 4's classifier reads the last snapshot; the shipped model below is read the
+# same way. A few hundred steps of a narrow network give strokes and blobs, not yet digits: the shipped model
+# trained for 6,000 steps of a wider one.
+
+# %%
+classifier = load_digit_classifier(device)
+live_confident = confident_fraction(classifier, snapshots[steps])
+print(f"live model after {steps} steps: {live_confident:.0%} of 16 samples read with confidence >= 0.9")
+
+# %% [markdown]
+# **The loss the shipped model was trained with.** The live loop above uses the plain simple loss, every $t$
+# weighted alike in $\epsilon$-space. The shipped model's recipe (its card, `min_snr_gamma: 5`) weights each
+# example by min-SNR-$\gamma$ (Hang et al. 2023): $w_t = \min(\mathrm{snr}_t, \gamma) / \mathrm{snr}_t$. Why that
+# form: an error in $\hat\epsilon$ is an error in $\hat x_0$ times $\sqrt{\mathrm{snr}_t}$
+# ($\hat x_0 - x_0 = -(\hat\epsilon - \epsilon)/\sqrt{\mathrm{snr}_t}$, chapter 3's conversion), so
+# $\lVert\hat\epsilon - \epsilon\rVert^2 = \mathrm{snr}_t \lVert\hat x_0 - x_0\rVert^2$ and the weighted
+# $\epsilon$-loss is $\min(\mathrm{snr}_t, \gamma)\,\lVert\hat x_0 - x_0\rVert^2$: the $x_0$-error at every
+# noise level, with the nearly clean steps (where snr is huge and the task is easy) capped at $\gamma$ instead of
+# dominating. Checked on one minibatch, the library's loss against that $x_0$-space form:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+gamma, x0 = 5.0, digits[:16].to(device)
+ours = simple_loss(small, schedule, x0, torch.Generator().manual_seed(9), min_snr_gamma=gamma)
+generator = torch.Generator().manual_seed(9)  # the same draws as simple_loss: t, then the noise
+t = torch.randint(0, schedule.T, (16,), generator=generator).to(device)
+eps = torch.randn(x0.shape, generator=generator).to(device)
+alpha_bar_t = gather(schedule.alpha_bar, t, x0)  # (16, 1, 1, 1)
+xt = alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps
+with torch.no_grad():
+    x0_hat = x0_from_eps(schedule, xt, t, small(xt, t))
+snr = schedule.snr.to(device)[t]  # (16,)
+by_hand = (snr.clamp(max=gamma) * (x0_hat - x0).pow(2).flatten(1).mean(1)).mean()
+print("min-SNR eps-loss = min(snr, gamma) x the x0-error:", torch.allclose(ours.detach(), by_hand, rtol=1e-3))
+
+# %% [markdown]
+# Let us load the shipped model.
 #
 # ## 7. The shipped model
 #
@@ -300,9 +341,31 @@ print(f"an error in eps_hat is multiplied by {amplification:.1e} in x0_hat")
 
 # %% [markdown]
 # A network error of 1% in $\hat\epsilon$ then puts $\hat x_0$ hundreds of units outside the data's range
-# $[-1, 1]$, and DDIM's next state inherits it. Clipping $\hat x_0$ to $[-1, 1]$ (and recomputing $\hat\epsilon$
-# from it, as diffusers' `clip_sample`) keeps the first steps sane; once $\bar\alpha_t$ is not tiny, the clip is
-# rarely active. A grid of samples, with the same noise:
+# $[-1, 1]$, and DDIM's next state inherits it. Clipping $\hat x_0$ to $[-1, 1]$ keeps the first steps sane. This
+# is a property of this schedule's last, clipped $\beta$ together with $\epsilon$-prediction (chapter 11 trains
+# a v-prediction model, which needs no clip). How often does the clip act, step by step? The share of $\hat x_0$'s
+# pixels outside $[-1, 1]$ at each step of a DDIM run:
+
+# %%
+x_T = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
+with torch.no_grad():
+    _, path = ddim_sample(model, schedule, x_T, profile.sample_steps, clip_x0=True, record_every=1)
+    outside = []
+    for t, xt, _ in path:  # x0_hat before the clip, from the network's eps_hat at the recorded state
+        t_batch = torch.full((len(xt),), t, device=device)
+        x0_raw = x0_from_eps(schedule, xt.to(device), t_batch, model(xt.to(device), t_batch))
+        outside.append((t, (x0_raw.abs() > 1).float().mean().item()))
+print("share of x0_hat pixels the clip changes, by step:", ", ".join(f"t={t}: {share:.0%}" for t, share in outside))
+first, rest = outside[0][1], max(share for _, share in outside[len(outside) // 2 :])
+check_claim(
+    first > 0.5 and rest < 0.05,
+    "the clip acts on most pixels at the first step and on few in the second half of the run",
+    f"first step {first:.0%}, at most {rest:.1%} in the second half",
+    decisive=profile.name != "smoke",
+)
+
+# %% [markdown]
+# A grid of samples, with the same noise:
 
 # %%
 start = time.perf_counter()
@@ -339,7 +402,6 @@ start = time.perf_counter()
 scored = torch.cat(
     [draw(model, min(256, profile.unet_samples - i), seed=100 + i) for i in range(0, profile.unet_samples, 256)]
 )
-classifier = load_digit_classifier(device)
 scores = sample_scores(classifier, scored)
 print(f"shipped model ({training['status']}), {scores['n']} samples, {profile.sample_steps} DDIM steps:")
 real_confident = confident_fraction(classifier, digits[: scores["n"]])
@@ -361,19 +423,23 @@ print(f"sampling and scoring took {time.perf_counter() - start:.0f} s")
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** Count the parameters of `ResBlock(c_in, c_out, emb_dim, groups, dropout)` by formula (two
 # GroupNorms, two 3x3 convs, the time projection, and the 1x1 skip when $c_{in} \neq c_{out}$), as a function
 # `resblock_parameters(c_in, c_out, emb_dim)`.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def resblock_parameters(c_in: int, c_out: int, emb_dim: int) -> int:
+    ### BEGIN SOLUTION
     norms = 2 * c_in + 2 * c_out  # a weight and a bias per channel
     convs = (9 * c_in * c_out + c_out) + (9 * c_out * c_out + c_out)
     time_projection = emb_dim * 2 * c_out + 2 * c_out
     skip = c_in * c_out + c_out if c_in != c_out else 0
     return norms + convs + time_projection + skip
+    ### END SOLUTION
 
 
 # %%
@@ -388,10 +454,11 @@ print("exercise 1: correct")
 # the shipped UNet ($c$ = 32, 64, 96 at 28, 14, 7 pixels), as a list `macs`, and check them with `FlopCounterMode`
 # (2 FLOPs per multiply-add). Which level's convolution is the cheapest?
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 macs = [9 * c**2 * size**2 for c, size in zip(unet_config["channels"], resolutions, strict=True)]
 print("multiply-adds per 3x3 conv:", macs)
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT

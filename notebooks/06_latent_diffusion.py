@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -52,19 +56,20 @@ import matplotlib.pyplot as plt
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from course_lib.benchmark import IMAGE_SHAPE, LATENT_CLIP, LATENT_SHAPE, draw_samples, ms_per_call
+from course_lib.benchmark import ms_per_call
 from course_lib.data import load_digits
 from course_lib.metrics import class_accuracy, confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.vae import DiagonalGaussian
 from course_lib.plotting import show_images
 from course_lib.profiles import get_device, get_profile
+from course_lib.sampling import IMAGE_SHAPE, LATENT_CLIP, LATENT_SHAPE, draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.weights import load_card, load_model
 
 profile = get_profile()
 device = get_device()
 torch.set_num_threads(1)  # as chapter 5: steady speed on a shared 2-core machine
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 print(f"profile: {profile.name} | device: {device} | DDIM steps: {profile.sample_steps}")
 print(f"digits sampled per model: {profile.sampler_samples}")
 
@@ -216,7 +221,7 @@ plt.show()
 # $\bar\alpha = 2.4 \times 10^{-9}$, and $\hat x_0 = (x_t - \sqrt{1 - \bar\alpha}\,\hat\epsilon)/\sqrt{\bar\alpha}$
 # multiplies the network's error by $2 \times 10^4$. Latents need the same guard, but not the pixel range: scaled
 # latents are not confined to $[-1, 1]$. We clip to $\pm 4.5$, about the largest scaled latent of the data
-# (`course_lib.benchmark.LATENT_CLIP` gives the measurements behind the choice):
+# (`course_lib.sampling.LATENT_CLIP` gives the measurements behind the choice):
 
 # %%
 print(f"largest |scaled latent| of these held-out digits: {(latents * scale).abs().max():.2f}; clip at {LATENT_CLIP}")
@@ -316,7 +321,9 @@ plt.show()
 # decoder of a straight line between their latents passes through shapes that are each a single stroke pattern.
 
 # %%
-pair, weights = [1, 2], torch.linspace(0, 1, 9)
+# a 3 and a 7, picked by label (the first held-out 3 and the first held-out 7)
+pair = [int((heldout_labels == digit).nonzero()[0]) for digit in (3, 7)]
+weights = torch.linspace(0, 1, 9)
 pixel_path = torch.cat([(1 - w) * heldout[pair[0] : pair[0] + 1] + w * heldout[pair[1] : pair[1] + 1] for w in weights])
 latent_path = torch.cat(
     [(1 - w) * latents[pair[0] : pair[0] + 1] + w * latents[pair[1] : pair[1] + 1] for w in weights]
@@ -338,21 +345,27 @@ plt.show()
 #   SNR is only what it was designed to be for unit-variance data, and the decoder must get the latents back at
 #   their own scale.
 # - The same recipe trained in latent space samples faster per image, because each network call works on 49
-#   positions instead of 784; the price is the decoder's fidelity, which caps the quality.
+#   positions instead of 784. The decoder's fidelity bounds what latent samples can look like (its round trip is
+#   measured above), but on these digits that bound is not what limits them: the latent model's FID came out no
+#   worse than the pixel model's (section 4, and `python scripts/bench.py latent` at n = 500).
 #
 # ## Exercises
+#
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
 #
 # **Exercise 1.** Compute Stable Diffusion's scaling factor for our VAE yourself: `my_scaling_factor(vae, images)`
 # as one over the standard deviation of the latent means. The card's comes from the 4,000 train digits; on the
 # held-out digits of section 2 yours should agree with it to 2%.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def my_scaling_factor(vae, images) -> float:
+    ### BEGIN SOLUTION
     with torch.no_grad():
         means = torch.cat([vae.encode(images[i : i + 500].to(device)).mode() for i in range(0, len(images), 500)])
     return 1 / means.std().item()
+    ### END SOLUTION
 
 
 # %%
@@ -366,10 +379,11 @@ print("exercise 1: correct")
 # measured ratio of signal variance to noise variance with `predicted_log_snr(t, s)`.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def predicted_log_snr(t: int, s: float) -> float:
+    ### BEGIN SOLUTION
     return schedule.log_snr[t].item() + 2 * math.log(s)
+    ### END SOLUTION
 
 
 # %%
@@ -387,12 +401,13 @@ print("exercise 2: correct")
 # both.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def compression(latent_shape, image_shape) -> tuple[float, float]:
+    ### BEGIN SOLUTION
     numbers = math.prod(image_shape) / math.prod(latent_shape)
     positions = (image_shape[-1] * image_shape[-2]) / (latent_shape[-1] * latent_shape[-2])
     return numbers, positions
+    ### END SOLUTION
 
 
 # %%

@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -66,7 +70,7 @@ from course_lib.weights import load_card, load_model
 profile = get_profile()
 device = get_device()
 torch.set_num_threads(1)
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 print(f"profile: {profile.name} | device: {device} | DDIM steps: {profile.sample_steps}")
 print(f"digits sampled per guidance scale: {profile.style_samples}")
 classifier = load_digit_classifier(device)
@@ -217,7 +221,8 @@ plt.show()
 #
 # What $w$ buys and costs, measured: conditional accuracy (the classifier reads the asked-for digit), FID against
 # held-out digits (which includes variety), and diversity, the spread of the classifier's features within each
-# class (`class_spread`) over that of real digits. `python scripts/bench.py guidance` measured 500 digits per $w$
+# class (`class_spread`, grouped by the digit the classifier reads, so that wrong-class samples do not count as
+# variety) over that of real digits. `python scripts/bench.py guidance` measured 500 digits per $w$
 # for six scales; the live points are this notebook's smaller run.
 
 # %%
@@ -227,7 +232,7 @@ runs = sweep["runs"]
 scales = [run["scale"] for run in runs]
 real_spread = sweep["real_spread"]
 live_scores = {
-    scale: (class_accuracy(classifier, x, labels), class_spread(classifier, x, labels) / real_spread)
+    scale: (class_accuracy(classifier, x, labels), class_spread(classifier, x) / real_spread)
     for scale, x in live.items()
 }
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
@@ -345,15 +350,19 @@ plt.show()
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** The paper (Ho & Salimans 2021, eq. 6) writes guidance as
 # $\tilde\epsilon = (1 + w')\,\epsilon_c - w'\,\epsilon_\varnothing$. Write `diffusers_scale(w_paper)`, the $w$ of
 # this chapter (diffusers' `guidance_scale`) that gives the same prediction, and check it on random predictions.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def diffusers_scale(w_paper: float) -> float:
+    ### BEGIN SOLUTION
     return 1.0 + w_paper
+    ### END SOLUTION
 
 
 # %%
@@ -369,13 +378,14 @@ print("exercise 1: correct")
 # with two separate forward passes instead (labels, then the null label), and check that both ways agree.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def two_pass_guidance(xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, scale: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
     with torch.no_grad():
         cond = model(xt, t, labels)
         uncond = model(xt, t, torch.full_like(labels, card["model"]["num_classes"]))
     return uncond + scale * (cond - uncond)
+    ### END SOLUTION
 
 
 # %%

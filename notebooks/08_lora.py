@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -53,10 +57,12 @@ from dataclasses import replace
 import matplotlib.pyplot as plt
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
 
-from course_lib.benchmark import draw_samples, load_results
+from course_lib.benchmark import load_results
 from course_lib.captions import measure_slant, measure_thickness
-from course_lib.data import data_dir, load_digits
+from course_lib.claims import check_claim
+from course_lib.data import data_dir, load_digits, verify_file
 from course_lib.lora import (
     LoRALayer,
     inject_lora,
@@ -66,17 +72,19 @@ from course_lib.lora import (
     set_lora_scale,
     unmerge_lora,
 )
+from course_lib.metrics import class_histogram, load_digit_classifier
 from course_lib.plotting import plot_losses, show_images
 from course_lib.profiles import get_device, get_profile
+from course_lib.sampling import draw_samples
 from course_lib.schedules import make_schedule
-from course_lib.styles import embolden
+from course_lib.styles import balanced_digits, embolden
 from course_lib.train import TrainConfig, train
 from course_lib.weights import load_card, load_model
 
 profile = get_profile()
 device = get_device()
 torch.set_num_threads(1)
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 print(f"profile: {profile.name} | device: {device} | live LoRA steps: {profile.lora_train_steps}", end=" | ")
 print(f"digits per style measure: {profile.style_samples}")
 
@@ -109,13 +117,15 @@ print(f"trainable: {n_lora} of {n_base} weights ({n_lora / n_base:.1%})")
 # %% [markdown]
 # ## 2. The style: bold digits
 #
-# `course_lib.styles.embolden` thickens every stroke of 500 train digits; `measure_thickness` (chapter 7) says by
-# how much. The shipped model's own samples are the starting point.
+# `course_lib.styles.embolden` thickens every stroke of 500 train digits, 50 of each class picked by label
+# (`balanced_digits`); `measure_thickness` (chapter 7) says by how much. The shipped model's own samples are the
+# starting point.
 
 # %%
-digits = load_digits("train")[0][:500]
+digits, digit_labels = balanced_digits(50)
 bold = embolden(digits)
-show_images(torch.cat([digits[:8], bold[:8]]), nrow=8, title="train digits / made bold")
+print("style data per class:", torch.bincount(digit_labels, minlength=10).tolist())
+show_images(torch.cat([digits[:10], bold[:10]]), nrow=10, title="train digits / made bold", figsize=(10, 2.2))
 plt.show()
 base_model = load_model("unet_mnist_eps", device)
 base_samples, _ = draw_samples(base_model, schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
@@ -146,6 +156,49 @@ plot_losses(state.losses, window=max(1, config.steps // 10))
 plt.show()
 samples, _ = draw_samples(model.eval(), schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1)
 print(f"mean stroke thickness after the live fine-tune: {measure_thickness(samples).mean():.2f}")
+classifier = load_digit_classifier(device)
+live_histogram = class_histogram(classifier, samples)
+show_images(samples[:20], nrow=10, title="after the live LoRA fine-tune (balanced style data)", figsize=(10, 2.2))
+plt.show()
+
+# %% [markdown]
+# ### What label-ordered data does
+#
+# A fine-tune learns whatever its data hold, including things nobody asked for. This course once shipped that bug:
+# the digits file kept its source's order, which is sorted by label, and the training script took "the first 500
+# train digits": 400 zeros and 100 ones. The adapters learnt bold strokes *and* zeros; the style measure looked
+# fine, because nothing measured which digits came out. Here is the same live fine-tune on such a prefix (the
+# split sorted by label, then its first 500), judged by the class histogram of its samples beside the balanced run:
+
+# %%
+train_images, train_labels = load_digits("train")
+by_label = train_labels.argsort(stable=True)[:500]  # what "the first 500" meant in a label-sorted file
+print("label-sorted prefix per class:", torch.bincount(train_labels[by_label], minlength=10).tolist())
+sorted_model = load_model("unet_mnist_eps", device)
+inject_lora(sorted_model, ["qkv", "out", "conv2"], rank=4, alpha=4.0)
+mark_only_lora_trainable(sorted_model)
+train(sorted_model, schedule, embolden(train_images[by_label]).to(device), config, progress=False)
+sorted_samples, _ = draw_samples(
+    sorted_model.eval(), schedule, "DDIM", profile.sample_steps, profile.style_samples, seed=1
+)
+sorted_histogram = class_histogram(classifier, sorted_samples)
+fig, ax = plt.subplots(figsize=(6, 2.5))
+ax.bar(torch.arange(10) - 0.2, live_histogram, width=0.4, label="balanced style data")
+ax.bar(torch.arange(10) + 0.2, sorted_histogram, width=0.4, label="label-sorted prefix")
+ax.set(xticks=range(10), xlabel="digit read by the classifier", ylabel="share of samples")
+ax.legend()
+plt.show()
+show_images(
+    sorted_samples[:20], nrow=10, title="after the same fine-tune on the label-sorted prefix", figsize=(10, 2.2)
+)
+plt.show()
+check_claim(
+    sorted_histogram[:2].sum() > live_histogram[:2].sum() + 0.1,
+    "the fine-tune on the label-sorted prefix makes more zeros and ones than the balanced one",
+    f"zeros + ones: sorted {sorted_histogram[:2].sum():.0%}, balanced {live_histogram[:2].sum():.0%} "
+    f"of {len(samples)} samples each",
+    decisive=profile.name != "smoke",
+)
 
 # %% [markdown]
 # ## 4. The shipped adapters: a dial, a pair, a merge
@@ -210,17 +263,59 @@ print("merging changes no output (to 1e-4):", bool((merged - before).abs().max()
 print("unmerging gives the adapters back (to 1e-5):", bool((after - before).abs().max() < 1e-5))
 
 # %% [markdown]
-# ## 5. LoRA against a full fine-tune
+# ## 5. LoRA against a full fine-tune: what changes, and what must stay
 #
-# `python scripts/train_lora.py --style bold --compare` fine-tuned every weight for the same steps:
+# `python scripts/train_lora.py --style bold --compare` fine-tuned every weight for the same steps, on the same
+# balanced style data, and judged the base model, the shipped adapter and the full fine-tune on 300 samples each
+# from the same noise: what must change (the thickness) and what must stay (which digits come out, how many read
+# with confidence, FID against held-out digits with its bootstrap spread). The samples are stored with the results:
 
 # %%
 compare = load_results("lora_bold")
-print(f"thickness: base {compare['base']:.2f}, style data {compare['data']:.2f}")
-lora_run = compare["lora"]
-print(f"LoRA ({lora_run['share']:.1%} of the parameters): {lora_run['measure']:.2f} in {lora_run['seconds']:.0f} s")
-print(f"full fine-tune: {compare['full']['measure']:.2f} in {compare['full']['seconds']:.0f} s")
-print(f"LoRA reaches {compare['lora_reach']:.0%} of the full fine-tune's change")
+stored_path = data_dir() / "benchmarks" / "lora_bold_samples.safetensors"
+verify_file(stored_path, "python scripts/train_lora.py --style bold --compare")
+stored = load_file(stored_path)
+fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+for ax, name in zip(axes, ("base", "lora", "full"), strict=True):
+    show_images(
+        stored[name][:64].float(),
+        nrow=8,
+        ax=ax,
+        title={"base": "base model", "lora": "LoRA (rank 4)", "full": "full fine-tune"}[name],
+    )
+plt.show()
+rows = {
+    "base": compare["lora"]["kept"]["base"],
+    "LoRA": compare["lora"]["kept"]["model"],
+    "full": compare["full"]["kept"]["model"],
+}
+measures = {"base": compare["base"], "LoRA": compare["lora"]["measure"], "full": compare["full"]["measure"]}
+kept = compare["lora"]["kept"]
+print(f"{kept['n']} samples each; real floor FID {kept['floor_fid']:.2f} ± {kept['floor_fid_sd']:.2f}")
+print(f"{'model':6s} {'thickness':>9s} {'largest class':>13s} {'confident':>9s} {'FID ± sd':>13s}")
+for name, row in rows.items():
+    print(
+        f"{name:6s} {measures[name]:9.2f} {row['largest_class_share']:13.1%} {row['confident_fraction']:9.1%} "
+        f"{row['fid']:6.2f} ± {row['fid_sd']:4.2f}"
+    )
+lora_run, full_run = compare["lora"], compare["full"]
+print(
+    f"LoRA: {lora_run['share']:.1%} of the parameters, {lora_run['seconds']:.0f} s; full: {full_run['seconds']:.0f} s"
+)
+print(f"LoRA moves the thickness {compare['lora_reach']:.0%} as far as the full fine-tune")
+
+# %% [markdown]
+# The course's targets for an adapter, checked on these stored results (so in every profile): it keeps every class
+# (largest class share at most 15%), its FID stays within 1.5x the base model's, and it moves the style at least
+# 90% as far as the full fine-tune.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+lora_kept = compare["lora"]["kept"]
+largest, ratio, reach = lora_kept["model"]["largest_class_share"], lora_kept["fid_ratio"], compare["lora_reach"]
+check_claim(largest <= 0.15, "the adapter keeps every class (largest share <= 15%)", f"{largest:.1%}")
+check_claim(ratio <= 1.5, "its FID stays within 1.5x the base model's", f"{ratio:.2f}x")
+check_claim(reach >= 0.9, "it moves the style >= 90% as far as the full fine-tune", f"{reach:.0%}")
 
 # %% [markdown]
 # ## 6. The same with peft
@@ -266,21 +361,27 @@ print("peft and course_lib agree on the shipped adapter:", bool(agree))
 #   as it was. For a convolution, $A$ is a convolution to $r$ channels with the layer's kernel and $B$ a 1 x 1 back.
 # - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves most of
 #   the way a full fine-tune moves it (section 5, measured).
+# - A fine-tune is judged by what it must keep as well as what it must change: the class histogram of its samples
+#   and its FID beside the base model's. A style measure alone missed that label-ordered data taught "zeros".
 # - The user scale dials the style continuously; adapters add up; merging folds $W + s\frac{\alpha}{r} B A$ into
 #   the weights, changing no output, and unmerging takes it out again.
 # - peft does the same with the same names; our adapters load into a peft model and give the same outputs.
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** How many parameters does a rank-$r$ adapter add to `nn.Conv2d(c_in, c_out, k)`? Write
 # `conv_lora_parameters(c_in, c_out, k, r)` and check it against a `LoRALayer` around the shipped model's first
 # `conv2`.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def conv_lora_parameters(c_in: int, c_out: int, k: int, r: int) -> int:
+    ### BEGIN SOLUTION
     return r * c_in * k * k + c_out * r  # A: c_in -> r with the k x k kernel; B: r -> c_out, 1 x 1
+    ### END SOLUTION
 
 
 # %%
@@ -299,10 +400,11 @@ print("exercise 1: correct")
 # `base_layer.weight`.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float, r: int, s: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
     return W + s * (alpha / r) * B @ A
+    ### END SOLUTION
 
 
 # %%
@@ -321,12 +423,13 @@ print("exercise 2: correct")
 # non-linearities. Section 4's curve is nevertheless smooth.)
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def output_at(scale: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
     layer.scale["default"] = scale
     with torch.no_grad():
         return layer(x)
+    ### END SOLUTION
 
 
 # %%

@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -75,7 +79,8 @@ from diffusers.models.unets.unet_2d import UNet2DOutput
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from course_lib.benchmark import SAMPLERS, gflops_per_image, parameter_count, run_sampler, synchronize
+from course_lib.benchmark import gflops_per_image, parameter_count
+from course_lib.claims import check_claim
 from course_lib.guidance import cfg_combine
 from course_lib.interop import (
     TOKENS,
@@ -88,15 +93,16 @@ from course_lib.interop import (
 from course_lib.metrics import load_digit_classifier, sample_scores
 from course_lib.nets.unet import UNet
 from course_lib.plotting import show_images
-from course_lib.profiles import get_device, get_profile
+from course_lib.profiles import get_device, get_profile, synchronize
 from course_lib.samplers import ddim_sample, ddim_step
+from course_lib.sampling import SAMPLERS, run_sampler
 from course_lib.schedules import SCHEDULE_NAMES, make_schedule
 from course_lib.weights import load_card
 
 profile = get_profile()
 device = get_device()
 torch.set_num_threads(1)  # as in chapter 5: steady speed on a shared 2-core machine
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 diffusers.utils.logging.set_verbosity_error()  # keep warnings and progress bars out of the outputs
 diffusers.utils.logging.disable_progress_bar()
 print(f"profile: {profile.name} | device: {device} | diffusers {diffusers.__version__}")
@@ -317,8 +323,10 @@ print(
 # Both pipelines leave out two lines of the general loop, the one `StableDiffusionPipeline` runs: the start is
 # $x_T$ times `scheduler.init_noise_sigma`, and the model sees `scheduler.scale_model_input(x, t)`. For DDPM, DDIM
 # and DPM-Solver both do nothing. Euler (chapter 5) works on the variance-exploding state
-# $x = x_t/\sqrt{\bar\alpha_t}$, which starts at $\sigma_{max} \approx 160$ times the noise and must be scaled
-# back before the network sees it. `course_lib.interop.scheduler_sample` is the general loop, from a given $x_T$:
+# $x = x_t/\sqrt{\bar\alpha_t}$, which starts at $\sigma_{max} = \sqrt{(1 - \bar\alpha_{T-1})/\bar\alpha_{T-1}}$
+# times the noise (printed below: about $2 \times 10^4$ for the cosine schedule, whose last $\beta$ is clipped at
+# 0.999; about 157 for the linear one) and must be scaled back before the network sees it.
+# `course_lib.interop.scheduler_sample` is the general loop, from a given $x_T$:
 #
 # ```python
 # scheduler.set_timesteps(steps)
@@ -328,6 +336,23 @@ print(
 #     x = scheduler.step(model_output, t, x, generator=generator).prev_sample
 # ```
 #
+# The start of Euler's state, for this model's schedule and for the linear one:
+
+# %%
+sigma_max = {
+    name: ((1 - s.alpha_bar[-1]) / s.alpha_bar[-1]).sqrt().item()
+    for name, s in (("cosine (this model)", schedule), ("linear", make_schedule("linear", schedule.T)))
+}
+euler = to_diffusers_scheduler(schedule, "Euler (Karras)")
+euler.set_timesteps(10)
+print({name: f"{value:.3g}" for name, value in sigma_max.items()}, f"init_noise_sigma {euler.init_noise_sigma:.3g}")
+check_claim(
+    1e4 < sigma_max["cosine (this model)"] < 3e4 and 150 < sigma_max["linear"] < 165,
+    "sigma_max is about 2 x 10^4 for the cosine schedule and about 157 for the linear one",
+    f"{sigma_max}",
+)
+
+# %% [markdown]
 # ## 4. Swapping schedulers on one model
 #
 # A scheduler is a config plus a step; the model does not change. The four samplers of chapter 5 as diffusers
@@ -612,14 +637,18 @@ else:
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** A linear schedule with $T = 500$ and $\beta_{end} = 0.03$ is not the default one, so
 # `scheduler_config` passes its betas. Build a `DDIMScheduler` for it by name instead (`beta_schedule`,
 # `beta_start`, `beta_end`) as `named_scheduler`, and check that its `alphas_cumprod` equals the course's table.
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 steep = make_schedule("linear", 500, beta_end=0.03)
 named_scheduler = DDIMScheduler(num_train_timesteps=500, beta_schedule="linear", beta_start=1e-4, beta_end=0.03)
+### END SOLUTION
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -634,15 +663,16 @@ print("exercise 1: correct")
 # DPM-Solver++ but not for Euler.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 @torch.no_grad()
 def pipeline_loop(unet, scheduler, x_T, steps):
+    ### BEGIN SOLUTION
     scheduler.set_timesteps(steps)
     x = x_T
     for t in scheduler.timesteps:
         x = scheduler.step(unet(x, t).sample, t, x).prev_sample
     return x
+    ### END SOLUTION
 
 
 # %%
@@ -660,11 +690,12 @@ print("exercise 2: correct")
 # of `targets`, and check it against the adapter saved above.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def lora_numbers(unet, r, targets):
+    ### BEGIN SOLUTION
     layers = [m for name, m in unet.named_modules() if any(name.endswith("." + t) for t in targets)]
     return sum(r * (layer.in_features + layer.out_features) for layer in layers)
+    ### END SOLUTION
 
 
 # %%

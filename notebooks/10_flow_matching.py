@@ -13,18 +13,22 @@
 
 # %%
 # Colab set-up: fetch the course and install it beside Colab's own torch. Outside Colab this does nothing.
+# Run again, it changes nothing: it clones and installs once, and always ends in the course's notebooks/ folder.
 import sys
 
 if "google.colab" in sys.modules:
     import os
     import subprocess
 
-    repo = "https://github.com/diffusion-course/diffusion-course"
-    if not os.path.isdir("diffusion-course"):
-        subprocess.run(["git", "clone", "--depth", "1", repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "diffusion-course"], check=True)
-    os.chdir("diffusion-course/notebooks")
-    sys.path.insert(0, os.path.abspath(".."))
+    repo = "https://github.com/diffusion-course/diffusion-course"  # a fork: python scripts/retarget.py OWNER/REPO
+    course = "/content/diffusion-course"
+    if not os.path.isdir(course):
+        subprocess.run(["git", "clone", "--depth", "1", repo, course], check=True)
+    if subprocess.run([sys.executable, "-m", "pip", "show", "-q", "course-lib"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", course], check=True)
+    os.chdir(f"{course}/notebooks")
+    if course not in sys.path:
+        sys.path.insert(0, course)
 
 
 # %% [markdown]
@@ -55,11 +59,11 @@ import matplotlib.pyplot as plt
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from course_lib.benchmark import draw_flow_samples, draw_samples, load_results
+from course_lib.benchmark import load_results
 from course_lib.flow import (
-    euler_sample,
+    euler_flow_sample,
     flow_loss,
-    heun_sample,
+    heun_flow_sample,
     interpolate,
     time_grid,
 )
@@ -68,6 +72,8 @@ from course_lib.nets.mlp import MLPDenoiser
 from course_lib.plotting import plot_losses, show_images
 from course_lib.profiles import get_device, get_profile
 from course_lib.reflow import path_from_trajectory, reflow_pairs, straightness
+from course_lib.samplers import ddim_sample
+from course_lib.sampling import draw_flow_samples, draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.toy import moons
 from course_lib.train import TrainConfig, train
@@ -76,7 +82,7 @@ from course_lib.weights import load_card, load_model
 profile = get_profile()
 device = get_device()
 torch.set_num_threads(1)
-plt.rcParams["figure.dpi"] = 80
+plt.rcParams["figure.dpi"] = 110
 print(f"profile: {profile.name} | device: {device} | toy training steps: {profile.toy_train_steps}")
 
 # %% [markdown]
@@ -90,7 +96,10 @@ print(f"profile: {profile.name} | device: {device} | toy training steps: {profil
 # Each pair $(x_0, \epsilon)$ moves at constant speed. The network sees only $x_t$ and $t$, so the best it can do
 # in squared error is the average velocity of all pairs passing through $x_t$ at time $t$,
 # $v(x, t) = \mathbb E[\epsilon - x_0 \mid x_t = x]$; and the ODE $dx/dt = v(x, t)$ run from noise at $t = 1$ to
-# $t = 0$ carries the noise distribution to the data distribution (Lipman et al. 2023, theorem 1). The loss:
+# $t = 0$ carries the noise distribution to the data distribution (Lipman et al. 2023, theorem 1). A warning for
+# reading the papers: Lipman et al. and Liu et al. run time the other way, noise at $t = 0$ and data at $t = 1$, so
+# their $t$ is our $1 - t$ and their velocity is minus ours; SD3 (Esser et al. 2024) and diffusers write it as
+# here. The loss:
 #
 # $$L = \mathbb E_{t \sim \mathcal U(0, 1),\, x_0,\, \epsilon}\, \lVert v_\theta(x_t, t) - (\epsilon - x_0) \rVert^2.$$
 #
@@ -161,8 +170,8 @@ floor = sliced_wasserstein(
 print(f"floor (two draws of the data): {floor:.3f}")
 with torch.no_grad():
     for steps in (1, 2, 4, 8, 32):
-        euler, _ = euler_sample(flow, noise.to(device), steps)
-        heun, _ = heun_sample(flow, noise.to(device), steps)
+        euler, _ = euler_flow_sample(flow, noise.to(device), steps)
+        heun, _ = heun_flow_sample(flow, noise.to(device), steps)
         print(
             f"{steps:3d} steps: Euler ({steps} calls) {distance(euler):.3f}, Heun ({2 * steps - 1} calls) "
             f"{distance(heun):.3f}"
@@ -179,7 +188,7 @@ with torch.no_grad():
 
 # %%
 with torch.no_grad():
-    sample, trajectory = euler_sample(flow, noise[:500].to(device), 64, record_every=1)
+    sample, trajectory = euler_flow_sample(flow, noise[:500].to(device), 64, record_every=1)
 times, path = path_from_trajectory(trajectory, sample)
 print(f"straightness of the flow's ODE paths (64 Euler steps): {straightness(times, path).mean():.4f}")
 
@@ -195,7 +204,7 @@ start = time.perf_counter()
 train(reflowed, None, pairs, replace(config, objective="reflow"), progress=False)
 print(f"reflow: {config.steps} steps in {time.perf_counter() - start:.0f} s")
 with torch.no_grad():
-    sample, trajectory = euler_sample(reflowed, noise[:500].to(device), 64, record_every=1)
+    sample, trajectory = euler_flow_sample(reflowed, noise[:500].to(device), 64, record_every=1)
 times, path = path_from_trajectory(trajectory, sample)
 print(f"straightness after one reflow: {straightness(times, path).mean():.4f}")
 
@@ -203,13 +212,13 @@ print(f"straightness after one reflow: {straightness(times, path).mean():.4f}")
 fig, axes = plt.subplots(1, 2, figsize=(9, 4))
 for ax, (name, model) in zip(axes, (("flow", flow), ("after reflow", reflowed)), strict=True):
     with torch.no_grad():
-        sample, trajectory = euler_sample(model, noise[:60].to(device), 32, record_every=1)
+        sample, trajectory = euler_flow_sample(model, noise[:60].to(device), 32, record_every=1)
     _, path = path_from_trajectory(trajectory, sample)  # (33, 60, 2)
     ax.scatter(*reference[:2000].T, s=1, color="lightgrey")
     for i in range(60):
         ax.plot(*path[:, i].T, linewidth=0.6)
     with torch.no_grad():
-        one_step = distance(euler_sample(model, noise.to(device), 1)[0])
+        one_step = distance(euler_flow_sample(model, noise.to(device), 1)[0])
     ax.set_title(f"{name}: paths from noise; 1 Euler step: distance {one_step:.3f}", fontsize=9)
     ax.set_aspect("equal")
 plt.show()
@@ -289,8 +298,10 @@ for sampler, calls in bench_fid:
         print(f"{calls:3d} calls: FID DDIM (eps) / Euler (flow) = {ratio:.1f}")
 
 # %% [markdown]
-# Equal training from scratch for both objectives would settle how much is the objective; it is an exercise for a
-# GPU (both recipes are in `scripts/train_unet.py`).
+# DDIM is the simplest sampler of the eps model, not its best (chapter 5: DPM-Solver++(2M)), and the two models saw
+# different training. Chapter 11 settles how much is the objective: the same UNet trained from scratch with each
+# objective on the same 256,000 images (`python scripts/train_unet.py --recipe comparison`), each read with its best
+# sampler.
 
 # %% [markdown]
 # How straight are the flow's paths for digits? The same straightness as for the moons, on the Euler path of a
@@ -299,7 +310,7 @@ for sampler, calls in bench_fid:
 # %%
 with torch.no_grad():
     x1 = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(11)).to(device)
-    sample, trajectory = euler_sample(flow_digits, x1, 32, record_every=1)
+    sample, trajectory = euler_flow_sample(flow_digits, x1, 32, record_every=1)
 times, path = path_from_trajectory(trajectory, sample)
 print(f"straightness of the digit flow's paths (32 Euler steps): {straightness(times, path).mean():.4f}")
 show_images(
@@ -308,6 +319,31 @@ show_images(
     title="x0_hat along the path, every 4th step (rows)",
 )
 plt.show()
+
+
+# %% [markdown]
+# A number needs a baseline. The eps model's DDIM path can be read in the same coordinates: divide the VP state by
+# $\sqrt{\bar\alpha_t} + \sqrt{1 - \bar\alpha_t}$ and set $t_{flow} = \sqrt{1 - \bar\alpha_t} / (\sqrt{\bar\alpha_t} +
+# \sqrt{1 - \bar\alpha_t})$; then $x_t = \sqrt{\bar\alpha_t}x_0 + \sqrt{1 - \bar\alpha_t}\epsilon$ becomes exactly
+# $(1 - t_{flow})x_0 + t_{flow}\epsilon$, the straight path of this chapter (checked below). Both models learn an ODE
+# on the same family of paths; what differs is the network and where the sampler puts its steps in time.
+
+# %%
+with torch.no_grad():
+    ddim_x0, ddim_path = ddim_sample(eps_digits, eps_schedule, x1, 32, clip_x0=True, record_every=1)
+alpha_bar = eps_schedule.alpha_bar.double()
+scale = {t: (alpha_bar[t].sqrt() + (1 - alpha_bar[t]).sqrt()).item() for t, _, _ in ddim_path}
+flow_times = torch.tensor([(1 - alpha_bar[t]).sqrt().item() / scale[t] for t, _, _ in ddim_path] + [0.0])
+flow_path = torch.stack([xt / scale[t] for t, xt, _ in ddim_path] + [ddim_x0.cpu()])
+t_check = 500  # the identity, on one digit and one noise
+x0_check, eps_check = x1[:1].cpu().double() * 0.3, x1[1:2].cpu().double()
+vp_state = alpha_bar[t_check].sqrt() * x0_check + (1 - alpha_bar[t_check]).sqrt() * eps_check
+t_flow = (1 - alpha_bar[t_check]).sqrt() / (alpha_bar[t_check].sqrt() + (1 - alpha_bar[t_check]).sqrt())
+straight = (1 - t_flow) * x0_check + t_flow * eps_check
+vp_scale = alpha_bar[t_check].sqrt() + (1 - alpha_bar[t_check]).sqrt()
+print("VP state / scale = straight-path state:", torch.allclose(vp_state / vp_scale, straight))
+ddim_straightness = straightness(flow_times, flow_path).mean()
+print(f"straightness of the eps model's DDIM paths (32 steps) in these coordinates: {ddim_straightness:.4f}")
 
 # %% [markdown]
 # ## Recap
@@ -321,12 +357,15 @@ plt.show()
 #
 # ## Exercises
 #
+# Try each exercise before you open the reference solution under it: the book collapses it, and the student
+# copy (`make student`) replaces it with a stub. The check under it tells you when your answer is right.
+#
 # **Exercise 1.** For data that is a single point $x^*$, every path ends there and the optimal velocity is known:
 # from $x_t = (1 - t)x^* + t\epsilon$, $v(x_t, t) = (x_t - x^*)/t$. Write it as `point_velocity` and check that
 # one Euler step from any noise lands exactly on $x^*$.
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
+### BEGIN SOLUTION
 x_star = torch.tensor([[0.5, -1.0]])
 
 
@@ -335,9 +374,12 @@ def point_velocity(xt: torch.Tensor, time_input: torch.Tensor) -> torch.Tensor:
     return (xt - x_star) / t
 
 
+### END SOLUTION
+
+
 # %%
 # NBVAL_CHECK_OUTPUT
-landed, _ = euler_sample(point_velocity, torch.randn(8, 2, generator=torch.Generator().manual_seed(7)), 1)
+landed, _ = euler_flow_sample(point_velocity, torch.randn(8, 2, generator=torch.Generator().manual_seed(7)), 1)
 assert torch.allclose(landed, x_star.expand(8, 2), atol=1e-5), landed
 print("exercise 1: correct")
 
@@ -346,12 +388,13 @@ print("exercise 1: correct")
 # check that the times are diffusers' sigmas for 10 steps, with and without SD3's shift of 3.
 
 
-# %%
-# reference solution: replace with your own
+# %% tags=["solution", "hide-input"]
 def diffusers_sigmas(steps: int, shift: float) -> torch.Tensor:
+    ### BEGIN SOLUTION
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     scheduler.set_timesteps(steps)
     return scheduler.sigmas.double()
+    ### END SOLUTION
 
 
 # %%

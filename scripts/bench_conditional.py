@@ -30,13 +30,13 @@ def guidance(n: int, steps: int = 20) -> list[str]:
     schedule, null = make_schedule(**card["schedule"]), torch.tensor([card["model"]["num_classes"]])
     labels = torch.arange(n) % 10
     real_images, real_labels = load_digits("heldout")
-    real_spread = class_spread(classifier, real_images[:n], real_labels[:n])
+    real_spread = class_spread(classifier, real_images[:n])  # grouped by the digit the classifier reads
     results = {"model": name, "model_status": card["training"]["status"], "machine": describe_machine()}
     results.update({"date": str(date.today()), "n": n, "steps": steps, "real_spread": real_spread, "runs": []})
     for scale in GUIDANCE_SCALES:
         samples, seconds = guided_samples(model, schedule, labels, null, scale, steps)
         scores = sample_scores(classifier, samples)
-        accuracy, spread = class_accuracy(classifier, samples, labels), class_spread(classifier, samples, labels)
+        accuracy, spread = class_accuracy(classifier, samples, labels), class_spread(classifier, samples)
         results["runs"].append({"scale": scale, "seconds": seconds, "accuracy": accuracy, "spread": spread, **scores})
         save_results("guidance", results)
         print(f"w = {scale}: accuracy {accuracy:.3f}, FID {scores['fid']:.2f}, {seconds:.0f} s", flush=True)
@@ -99,3 +99,11 @@ def captions(n: int, steps: int = 20) -> list[str]:
         "|---|---|---:|---:|---:|",
         *rows,
     ]
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()  # --help prints the above and stops
+    parser.error("this file holds figures for scripts/bench.py: run `python scripts/bench.py guidance` or `captions`")

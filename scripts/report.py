@@ -1,5 +1,14 @@
-"""Rewrite one marked section of a markdown report (docs/benchmarks.md), leaving the rest of the file alone."""
+"""Rewrite one marked section of a markdown report (docs/benchmarks.md), leaving the rest of the file alone.
 
+The scripts that measure something import `replace_section`; from the shell, the section's new lines come on
+standard input:
+
+    python scripts/report.py docs/benchmarks.md setup < setup.md     the lines between <!-- setup:begin --> and
+                                                                     <!-- setup:end --> become those of setup.md
+"""
+
+import argparse
+import sys
 from pathlib import Path
 
 
@@ -13,3 +22,21 @@ def replace_section(report: Path, key: str, lines: list[str]) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     report.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", type=Path, help="the markdown file, e.g. docs/benchmarks.md")
+    parser.add_argument("key", help="the section's marker name, e.g. setup for <!-- setup:begin -->")
+    args = parser.parse_args()
+    if sys.stdin.isatty():
+        parser.error("give the section's new lines on standard input")
+    lines = sys.stdin.read().rstrip("\n").splitlines()
+    if not lines:
+        parser.error("standard input was empty: the section would be erased")
+    replace_section(args.report, args.key, lines)
+    print(f"{args.report}: section {args.key!r} rewritten ({len(lines)} lines)")
+
+
+if __name__ == "__main__":
+    main()

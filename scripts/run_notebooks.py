@@ -19,8 +19,6 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from course_lib.profiles import describe_machine
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import replace_section  # noqa: E402
 from sync_notebooks import NOTEBOOKS, sync  # noqa: E402
@@ -53,6 +51,8 @@ def read_rows(report: Path, profile: str) -> dict[str, str]:
 def write_report(report: Path, profile: str, rows: list[tuple[str, float]], command: str) -> None:
     """Rewrite this profile's table: the rows just measured replace theirs, the other notebooks keep their own
     (each row says when and how it was measured, so a table can be completed chapter by chapter)."""
+    from course_lib.profiles import describe_machine  # here, not on top: torch takes seconds to import (--help)
+
     table = read_rows(report, profile)
     for name, seconds in rows:
         table[name] = f"| {name} | {seconds:.0f} | {date.today()} | `{command}` |"

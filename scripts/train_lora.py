@@ -6,12 +6,16 @@
     python scripts/train_lora.py --style bold --report        rewrite docs/benchmarks.md's section from the saved
                                                               comparison (data/benchmarks/lora_bold.json)
 
-The style data are 500 train digits made bold (`course_lib.styles.embolden`) or slanted (`shear`, 0.4). Both runs
+The style data are 500 train digits, 50 of each class picked by label (`course_lib.styles.balanced_digits`), made
+bold (`course_lib.styles.embolden`) or slanted (`shear`, 0.4). Both runs
 start from data/unet_mnist_eps and train with `course_lib.train.train` (same steps, batch, seed); LoRA trains only
 rank-4 adapters on the attention projections and the second conv of every residual block (about 2% of the
-parameters), the full fine-tune trains everything. The style measure is the mean stroke thickness (bold) or slant
-(slant) of 200 DDIM-20 samples, against the base model's samples and the style data; with --compare the numbers
-and both wall times go to data/benchmarks/lora_STYLE.json, stdout and docs/benchmarks.md.
+parameters), the full fine-tune trains everything. Each model is judged on 300 DDIM-20 samples (the same noise
+for every model) by what it must change, the style measure (mean stroke thickness for bold, slant for slant), and
+by what it must keep (`course_lib.metrics.kept_and_changed`): the class histogram of its samples, the confident
+fraction, and FID with its bootstrap spread beside the base model's. The numbers go to the adapter's card; with
+--compare, the full fine-tune's too and both wall times go to data/benchmarks/lora_STYLE.json, stdout and
+docs/benchmarks.md.
 """
 
 import argparse
@@ -22,20 +26,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from course_lib.benchmark import draw_samples, load_results, save_results
+from course_lib.benchmark import load_results, save_results
 from course_lib.captions import measure_slant, measure_thickness
-from course_lib.data import data_dir, load_digits, record_sha256
+from course_lib.data import data_dir, record_sha256
 from course_lib.lora import inject_lora, mark_only_lora_trainable, save_lora
+from course_lib.metrics import kept_and_changed, load_digit_classifier
 from course_lib.profiles import describe_machine
+from course_lib.sampling import draw_samples
 from course_lib.schedules import make_schedule
-from course_lib.styles import embolden, shear
+from course_lib.styles import balanced_digits, embolden, shear
 from course_lib.train import TrainConfig, train
 from course_lib.weights import STORAGE_DTYPE, load_card, load_model
 
 BASE = "unet_mnist_eps"
 TARGETS, RANK, ALPHA = ["qkv", "out", "conv2"], 4, 4.0
-STYLE_DIGITS, SAMPLES, SAMPLE_STEPS = 500, 200, 20
+PER_CLASS, SAMPLES, SAMPLE_STEPS = 50, 300, 20  # 500 style digits; 300 samples to judge each model
 STYLES = {
     "bold": (embolden, measure_thickness, "mean stroke thickness (pixels)"),
     "slant": (lambda images: shear(images, 0.4), measure_slant, "mean slant"),
@@ -44,16 +51,45 @@ LORA_CONFIG = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup=50, ema_deca
 FULL_CONFIG = TrainConfig(**{**asdict(LORA_CONFIG), "lr": 2e-4})  # the usual lower rate for all weights
 
 
-def style_measure(model: torch.nn.Module, style: str) -> float:
+def style_data(style: str) -> torch.Tensor:
+    """The restyled training digits: PER_CLASS of each class, picked by label."""
+    return STYLES[style][0](balanced_digits(PER_CLASS)[0])
+
+
+def judge(model: torch.nn.Module, style: str, base_samples: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """The style measure of SAMPLES DDIM-20 samples (seed 1) and, given the base model's samples, what the model
+    kept (`kept_and_changed`); returns (numbers, samples)."""
     schedule = make_schedule(**load_card(BASE)["schedule"])
     samples, _ = draw_samples(model, schedule, "DDIM", SAMPLE_STEPS, SAMPLES, seed=1)
-    return STYLES[style][1](samples).mean().item()
+    numbers = {"measure": STYLES[style][1](samples).mean().item()}
+    if base_samples is not None:
+        numbers["kept"] = kept_and_changed(load_digit_classifier(), samples, base_samples, STYLES[style][0])
+    return numbers, samples
+
+
+def rejudge(style: str) -> None:
+    """Recompute what each model kept from the samples stored by the last run (no training, no sampling), into the
+    results file, the adapter's card and docs/benchmarks.md: for a change in how fine-tunes are judged."""
+    name = f"lora_{style}"
+    stored = load_file(data_dir() / "benchmarks" / f"{name}_samples.safetensors")
+    classifier, restyle = load_digit_classifier(), STYLES[style][0]
+    card_path = data_dir() / f"{name}.json"
+    card = json.loads(card_path.read_text())
+    card["kept"] = kept_and_changed(classifier, stored["lora"].float(), stored["base"].float(), restyle)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    record_sha256(card_path)
+    if "full" in stored:
+        results = load_results(name)
+        results["lora"]["kept"] = card["kept"]
+        results["full"]["kept"] = kept_and_changed(classifier, stored["full"].float(), stored["base"].float(), restyle)
+        save_results(name, results)
+        report(style)
+    print(f"{name}: rejudged from the stored samples")
 
 
 def fine_tune(style: str, lora: bool, steps: int | None = None) -> tuple[torch.nn.Module, dict]:
     """Fine-tune a fresh copy of the base model on the style data; returns the EMA model and what was measured."""
-    restyle = STYLES[style][0]
-    data = restyle(load_digits("train")[0][:STYLE_DIGITS])
+    data = style_data(style)
     model = load_model(BASE)
     full_parameters = sum(p.numel() for p in model.parameters())
     if lora:
@@ -81,11 +117,23 @@ def report(style: str) -> None:
     """The comparison saved by --compare, as docs/benchmarks.md's section lora:STYLE."""
     results, card = load_results(f"lora_{style}"), load_card(f"lora_{style}")
     lora, full = results["lora"], results["full"]
-    rows = [
-        f"| {name} | {run['trainable_parameters']:,d} ({run['share']:.1%}) | {run['seconds'] / 60:.1f} | "
-        f"{run['measure']:.3f} |"
-        for name, run in (("LoRA, rank 4", lora), ("full fine-tune", full))
-    ]
+
+    def row(name: str, reading: dict, extra: str) -> str:
+        return (
+            f"| {name} | {extra} | {reading['largest_class_share']:.1%} "
+            f"({reading['reference']['largest_class_share']:.1%}) | {reading['confident_fraction']:.1%} "
+            f"({reading['reference']['confident_fraction']:.1%}) | {reading['fid']:.2f} ± {reading['fid_sd']:.2f} "
+            f"({reading['reference']['floor_fid']:.2f} ± {reading['reference']['floor_fid_sd']:.2f}) |"
+        )
+
+    rows = [row(f"base `{card['base']}`", lora["kept"]["base"], f"- | - | {results['base']:.3f} | -")]
+    for name, run in (("LoRA, rank 4", lora), ("full fine-tune", full)):
+        extra = (
+            f"{run['trainable_parameters']:,d} ({run['share']:.1%}) | {run['seconds'] / 60:.1f} | "
+            f"{run['measure']:.3f} | {run['kept']['fid_ratio']:.2f}"
+        )
+        rows.append(row(name, run["kept"]["model"], extra))
+    kept = lora["kept"]
     lines = [
         f"### LoRA: {style}",
         "",
@@ -95,10 +143,17 @@ def report(style: str) -> None:
         f"on {card['training']['data']}, from `{card['base']}`; the measure ({results['measure']}) of "
         f"{SAMPLES} DDIM-{SAMPLE_STEPS} samples. Base model {results['base']:.3f}, style data {results['data']:.3f}.",
         "",
-        f"| run | trainable parameters | wall min | {results['measure']} |",
-        "|---|---:|---:|---:|",
+        f"| model | trainable parameters | wall min | {results['measure']} | FID / base | largest class (real) | "
+        "confident (real) | FID ± sd (floor) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
+        f"Judged on {kept['n']} samples each from the same noise (`python scripts/train_lora.py --style {style} "
+        "--rejudge` recomputes this from the stored samples). Each model is read against the real digits it should "
+        f"resemble: the base model against {kept['n']} held-out digits, the fine-tunes against the same digits "
+        f"restyled ({style}); in brackets, the same reading of those real digits (what a perfect model would score) "
+        "and the real-vs-real FID floor, all FID spreads by bootstrap. Targets: largest class share <= 15%, FID "
+        "within 1.5x the base model's.",
         f"- LoRA moves the measure **{results['lora_reach']:.0%}** as far as the full fine-tune (target >= 90%), in "
         f"{lora['seconds'] / full['seconds']:.0%} of its wall time; trainable share **{lora['share']:.1%}** (target "
         f"<= 3%), adapter file **{card['file_share']:.1%}** of the base model's (target <= 5%).",
@@ -114,18 +169,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--steps", type=int, help="override the number of steps (a quick check; not for export)")
     parser.add_argument("--report", action="store_true", help="only rewrite the docs section from saved results")
+    parser.add_argument("--rejudge", action="store_true", help="only recompute the kept numbers from stored samples")
     args = parser.parse_args()
     if args.report:
         return report(args.style)
+    if args.rejudge:
+        return rejudge(args.style)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = f"lora_{args.style}"
     _, measure, measure_name = STYLES[args.style]
-    base_value = style_measure(load_model(BASE), args.style)
-    data_value = measure(STYLES[args.style][0](load_digits("train")[0][:STYLE_DIGITS])).mean().item()
+    base_numbers, base_samples = judge(load_model(BASE), args.style)
+    base_value = base_numbers["measure"]
+    data_value = measure(style_data(args.style)).mean().item()
 
     model, lora_run = fine_tune(args.style, lora=True, steps=args.steps)
-    lora_run["measure"] = style_measure(model, args.style)
+    lora_numbers, lora_samples = judge(model, args.style, base_samples)
+    lora_run.update(lora_numbers)
+    samples_path = data_dir() / "benchmarks" / f"{name}_samples.safetensors"  # chapter 8 shows them as grids
+    save_file({"base": base_samples.half(), "lora": lora_samples.half()}, samples_path)
+    record_sha256(samples_path)
     path = save_lora(model, data_dir() / f"{name}.safetensors", dtype=STORAGE_DTYPE)  # float16, as the base
     base_size = (data_dir() / f"{BASE}.safetensors").stat().st_size
     card = {
@@ -135,12 +198,13 @@ def main() -> None:
         "rank": RANK,
         "alpha": ALPHA,
         "style_measure": {"name": measure_name, "base": base_value, "data": data_value, "lora": lora_run["measure"]},
+        "kept": lora_run["kept"],
         "trainable_parameters": lora_run["trainable_parameters"],
         "trainable_share": round(lora_run["share"], 4),
         "file_share": round(path.stat().st_size / base_size, 4),
         "training": {
             **asdict(LORA_CONFIG),
-            "data": f"the first {STYLE_DIGITS} train digits, restyled ({args.style})",
+            "data": f"{PER_CLASS} train digits of each class, picked by label, restyled ({args.style})",
             "wall_minutes": round(lora_run["seconds"] / 60, 1),
             "machine": describe_machine(),
             "command": "python " + " ".join(["scripts/train_lora.py", *sys.argv[1:]]),
@@ -154,7 +218,10 @@ def main() -> None:
     print(f"exported {Path(path).name}: {path.stat().st_size / 1e3:.0f} KB, {card['file_share']:.1%} of the base file")
     if args.compare:
         full_model, full_run = fine_tune(args.style, lora=False, steps=args.steps)
-        full_run["measure"] = style_measure(full_model, args.style)
+        full_numbers, full_samples = judge(full_model, args.style, base_samples)
+        full_run.update(full_numbers)
+        save_file({"base": base_samples.half(), "lora": lora_samples.half(), "full": full_samples.half()}, samples_path)
+        record_sha256(samples_path)
         reach = (lora_run["measure"] - base_value) / (full_run["measure"] - base_value)
         results = {"style": args.style, "measure": measure_name, "base": base_value, "data": data_value}
         results.update({"lora": lora_run, "full": full_run, "lora_reach": reach, "machine": describe_machine()})

@@ -4,14 +4,9 @@
     python scripts/train_unet.py --export                          write data/unet_mnist_eps.{safetensors,json}
     python scripts/train_unet.py --recipe unet_mnist_class --budget-minutes 60      another recipe (see RECIPES)
 
-Recipes (each a fixed model, schedule and optimiser, so that every session trains the same run):
-    unet_mnist_eps      unconditional digits, eps prediction (chapters 4-5)
-    unet_mnist_class    class-conditional digits with 10% label dropout, for classifier-free guidance (chapter 7)
-    unet_mnist_text     digits from captions ("a thick seven leaning right"), text encoder and cross-attention
-                        trained together, parts and whole captions dropped (chapter 7)
-    latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6; needs that VAE)
-    unet_mnist_flow     unconditional digits by flow matching (velocity on straight paths), started from
-                        unet_mnist_eps (chapter 10)
+Recipes (each a fixed model, schedule and optimiser, so that every session trains the same run) live in
+course_lib/recipes.py, which lists them; `--recipe cmp_eps` and the other cmp_* recipes are chapter 11's
+equal-budget comparison (`--recipe comparison` trains them one after another within the budget).
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
 exactly where it stopped. The checkpoint of an unfinished run is committed as data/training/NAME.pt (AdamW state
@@ -28,12 +23,11 @@ processes), DDP keeps the weights equal, the main process alone writes the check
 """
 
 import argparse
-import importlib
 import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -42,99 +36,12 @@ from course_lib.captions import caption_parts, random_captions, tokenize
 from course_lib.data import load_digits
 from course_lib.guidance import label_condition
 from course_lib.profiles import describe_machine, get_device
+from course_lib.recipes import CAPTION_DROPOUT, COMPARISON, LABEL_DROPOUT, RECIPES, Recipe, build, prediction_type
 from course_lib.schedules import make_schedule
-from course_lib.train import TrainConfig, train
-from course_lib.weights import load_card, load_model, load_weights, save_weights
+from course_lib.train import train
+from course_lib.weights import load_card, load_model, save_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str  # data/NAME.safetensors and data/training/NAME.pt
-    model: dict  # keyword arguments of model_class
-    config: TrainConfig
-    schedule: dict | None = field(default_factory=lambda: dict(name="cosine", T=1000))  # None: a flow objective
-    condition: str | None = None  # None, "labels" or "captions" (each partly dropped: classifier-free guidance)
-    latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
-    model_class: str = "course_lib.nets.unet.UNet"
-    init_from: str | None = None  # start the UNet from this shipped model (new layers start as no-ops)
-
-
-LABEL_DROPOUT = 0.1  # labels trained as "no label"
-CAPTION_DROPOUT = dict(drop_part=0.3, drop_all=0.1)  # see course_lib.captions.random_captions
-
-
-DIGIT_MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
-DIGIT_CONFIG = TrainConfig(
-    steps=6000,
-    batch_size=128,
-    lr=2e-3,
-    warmup=200,
-    grad_clip=1.0,
-    ema_decay=0.999,
-    prediction_type="eps",
-    min_snr_gamma=5.0,
-    seed=0,
-    checkpoint_every_s=300,
-)
-# The conditional models start from the unconditional one, whose denoising they keep, and learn the condition.
-FINE_TUNE_CONFIG = replace(DIGIT_CONFIG, steps=2000, lr=1e-3, warmup=100)
-# The flow model keeps the eps model's features and relearns what its output means (a velocity): the fine-tune's
-# 2,000 steps, as the class model (about 2 h on one CPU thread).
-FLOW_CONFIG = replace(FINE_TUNE_CONFIG, objective="flow")
-RECIPES = {
-    recipe.name: recipe
-    for recipe in [
-        Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG),
-        Recipe(
-            "unet_mnist_class",
-            {**DIGIT_MODEL, "num_classes": 10},
-            FINE_TUNE_CONFIG,
-            condition="labels",
-            init_from="unet_mnist_eps",
-        ),
-        Recipe(
-            "unet_mnist_text",
-            {**DIGIT_MODEL, "text": dict(dim=64, layers=2, heads=4)},
-            replace(FINE_TUNE_CONFIG, steps=3000),
-            condition="captions",
-            model_class="course_lib.nets.text.TextConditionedUNet",
-            init_from="unet_mnist_eps",
-        ),
-        Recipe(
-            "unet_mnist_flow",
-            DIGIT_MODEL,
-            FLOW_CONFIG,
-            schedule=None,
-            init_from="unet_mnist_eps",
-        ),
-        Recipe(
-            "latent_mnist_eps",
-            # one block per level: 0.76 s a step on one thread against 1.51 with two (same widths), 106 ms against
-            # 170 per call of 50 latents (measured before the first run; the pixel UNet takes about 400)
-            dict(in_channels=4, channels=(64, 128), blocks=(1, 1), attention=(False, True), heads=4, groups=8),
-            DIGIT_CONFIG,
-            latents="vae_mnist",
-        ),
-    ]
-}
-# The unconditional digit model, as scripts/bench.py imports it.
-NAME, MODEL, SCHEDULE, CONFIG = "unet_mnist_eps", DIGIT_MODEL, RECIPES["unet_mnist_eps"].schedule, DIGIT_CONFIG
-
-
-def build(recipe: Recipe) -> torch.nn.Module:
-    """The recipe's model at initialisation, or started from `init_from`: its UNet takes the shipped weights, and
-    the class embedding starts at zero, so that at step 0 the model is the shipped unconditional one (the
-    cross-attention layers start as no-ops anyway: their output layers are zero-initialised)."""
-    module_name, _, class_name = recipe.model_class.rpartition(".")
-    model = getattr(importlib.import_module(module_name), class_name)(**recipe.model)
-    if recipe.init_from:
-        unet = getattr(model, "unet", model)
-        load_weights(unet, recipe.init_from, allow_new=True)
-        if unet.class_emb is not None:
-            torch.nn.init.zeros_(unet.class_emb.weight)
-    return model
 
 
 @torch.no_grad()
@@ -165,7 +72,8 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
     card = {
         "model": {"class": recipe.model_class, **recipe.model},
         "schedule": recipe.schedule,
-        "prediction_type": "velocity" if recipe.config.objective != "ddpm" else recipe.config.prediction_type,
+        "prediction_type": prediction_type(recipe),
+        "about": recipe.about,
         "training": {
             **asdict(recipe.config),
             "steps_done": step,
@@ -215,9 +123,51 @@ def make_accelerator(mixed_precision: str | None):
     return accelerator
 
 
+def train_recipe(recipe: Recipe, budget_s: float, checkpoint: Path, accelerator) -> None:
+    """Train (or resume) one recipe for up to budget_s seconds, checkpointing to `checkpoint`; print where it stands."""
+    device = get_device() if accelerator is None else accelerator.device
+    torch.manual_seed(recipe.config.seed)
+    model = build(recipe).to(device)
+    data, condition = training_data(recipe)
+    schedule = make_schedule(**recipe.schedule) if recipe.schedule else None
+    start = time.perf_counter()
+    state, _ = train(
+        model,
+        schedule,
+        data.to(device),
+        recipe.config,
+        budget_s=budget_s,
+        checkpoint=checkpoint,
+        condition=condition,
+        accelerator=accelerator,
+    )
+    recent = state.losses[-100:]
+    processes = 1 if accelerator is None else accelerator.num_processes
+    if accelerator is None or accelerator.is_main_process:
+        print(
+            f"{recipe.name}: step {state.step}/{recipe.config.steps}, {state.step * recipe.config.batch_size} "
+            f"examples{f' per process, {processes} processes' if processes > 1 else ''}, loss (mean of the "
+            f"last 100) {sum(recent) / max(1, len(recent)):.4f}, this call {time.perf_counter() - start:.0f} s, "
+            f"all sessions {state.seconds / 60:.1f} min",
+            flush=True,
+        )
+
+
+def steps_done(checkpoint: Path) -> int:
+    """The step a run's checkpoint has reached (0 without one)."""
+    if not checkpoint.exists():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default=NAME, choices=sorted(RECIPES), help="which model to train")
+    parser.add_argument(
+        "--recipe",
+        default="unet_mnist_eps",
+        choices=[*sorted(RECIPES), "comparison"],
+        help="which model to train ('comparison': the cmp_* recipes in turn, each until it is done)",
+    )
     parser.add_argument("--budget-minutes", type=float, default=0, help="wall-clock budget of this call (0: none)")
     parser.add_argument("--checkpoint", type=Path, help="default: data/training/RECIPE.pt")
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights to data/")
@@ -228,41 +178,30 @@ def main() -> None:
         help="through accelerate (default: as accelerate launch says; without it, none)",
     )
     args = parser.parse_args()
-    recipe = RECIPES[args.recipe]
-    checkpoint = args.checkpoint or ROOT / "data" / "training" / f"{recipe.name}.pt"
+    if args.budget_minutes < 0:
+        parser.error(f"--budget-minutes must be >= 0 (0: train nothing, e.g. with --export); got {args.budget_minutes}")
+    if args.budget_minutes == 0 and not args.export:
+        parser.error("nothing to do: give --budget-minutes N to train, --export to export, or both")
+    recipes = [RECIPES[name] for name in COMPARISON] if args.recipe == "comparison" else [RECIPES[args.recipe]]
+    if args.checkpoint is not None and len(recipes) > 1:
+        parser.error("--checkpoint names one run's file; with --recipe comparison each run uses its default")
     if args.threads:
         torch.set_num_threads(args.threads)
     accelerator = make_accelerator(args.mixed_precision)
     main_process = accelerator is None or accelerator.is_main_process
-
-    if args.budget_minutes > 0:
-        device = get_device() if accelerator is None else accelerator.device
-        torch.manual_seed(recipe.config.seed)
-        model = build(recipe).to(device)
-        data, condition = training_data(recipe)
-        schedule = make_schedule(**recipe.schedule) if recipe.schedule else None
-        start = time.perf_counter()
-        state, _ = train(
-            model,
-            schedule,
-            data.to(device),
-            recipe.config,
-            budget_s=args.budget_minutes * 60,
-            checkpoint=checkpoint,
-            condition=condition,
-            accelerator=accelerator,
-        )
-        recent = state.losses[-100:]
-        processes = 1 if accelerator is None else accelerator.num_processes
-        if main_process:
-            print(
-                f"{recipe.name}: step {state.step}/{recipe.config.steps}, {state.step * recipe.config.batch_size} "
-                f"examples{f' per process, {processes} processes' if processes > 1 else ''}, loss (mean of the "
-                f"last 100) {sum(recent) / max(1, len(recent)):.4f}, this call {time.perf_counter() - start:.0f} s, "
-                f"all sessions {state.seconds / 60:.1f} min"
-            )
-    if args.export and main_process:
-        export(recipe, checkpoint)
+    deadline = time.perf_counter() + args.budget_minutes * 60
+    for recipe in recipes:
+        checkpoint = args.checkpoint or ROOT / "data" / "training" / f"{recipe.name}.pt"
+        left = max(0.0, deadline - time.perf_counter())  # the first recipe always trains (at least one step)
+        wanted = args.budget_minutes > 0 and (recipe is recipes[0] or left > 0)
+        if wanted and steps_done(checkpoint) < recipe.config.steps:
+            train_recipe(recipe, left, checkpoint, accelerator)
+        if args.export and main_process and checkpoint.exists():
+            export(recipe, checkpoint)
+        elif args.export and main_process and len(recipes) == 1:
+            raise SystemExit(f"{recipe.name}: no checkpoint at {checkpoint}, nothing to export")
+        elif args.export and main_process:
+            print(f"{recipe.name}: no checkpoint at {checkpoint} yet, nothing to export")
     if accelerator is not None:
         accelerator.end_training()
 

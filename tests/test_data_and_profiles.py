@@ -85,3 +85,15 @@ def test_seeded_noise_does_not_depend_on_the_device():
     b = randn_like(x.double(), torch.Generator().manual_seed(5))
     assert a.shape == x.shape and b.dtype == torch.float64
     assert torch.equal(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(5)))
+
+
+@pytest.mark.parametrize("split", ["train", "heldout", "all"])
+def test_every_prefix_of_a_split_is_class_balanced(split):
+    """The file is interleaved by class (scripts/build_digits.py): the first n digits hold n // 10 or n // 10 + 1
+    of every class, so "the first 500 digits" can never again be 400 zeros and 100 ones."""
+    _, labels = load_digits(split)
+    counts = torch.zeros(10, dtype=torch.long)
+    for n, label in enumerate(labels.tolist(), start=1):
+        counts[label] += 1
+        assert counts.max() - counts.min() <= 1 or n > {"train": 4000, "heldout": 1000, "all": 4000}[split], n
+    assert set(labels[:100].tolist()) == set(range(10))

@@ -1,6 +1,7 @@
 """DDPM maths: the posterior against Gaussian conditioning, the parameterisations, DDPMScheduler.step parity, and
 the ancestral sampler driven by the exact optimal denoiser of a Gaussian mixture."""
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -11,6 +12,7 @@ from course_lib.ddpm import (
     eps_from_v,
     posterior,
     simple_loss,
+    split_output,
     split_prediction,
     training_target,
     v_from_x0_eps,
@@ -118,6 +120,38 @@ def test_step_rejects_bad_input():
         ddpm_step(schedule, x, 10, x, x)
     with pytest.raises(ValueError, match="shapes must match"):
         ddpm_step(schedule, x, 5, x, torch.zeros(2, 4))
+    with pytest.raises(TypeError, match=r"t must be one integer timestep in 0..9 \(T=10\); got t=5.0"):
+        ddpm_step(schedule, x, 5.0, x, x)
+
+
+def test_step_takes_t_as_any_integer():
+    schedule, generator = make_schedule("cosine", 10), torch.Generator().manual_seed(0)
+    xt, model_output, noise = (torch.randn(2, 3, generator=generator) for _ in range(3))
+    for t in (0, 5):
+        expected = ddpm_step(schedule, model_output, t, xt, noise)
+        for same_t in (np.int64(t), np.int32(t), torch.tensor(t)):
+            ours = ddpm_step(schedule, model_output, same_t, xt, noise)
+            assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True)), same_t
+    x_prev, x0_hat = ddpm_step(schedule, model_output, np.int64(0), xt, noise)
+    assert torch.equal(x_prev, posterior(schedule, x0_hat, xt, 0)[0])  # t = 0 recognised: no noise added
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_one_set_of_converters_serves_the_course_state_and_the_ve_state(prediction_type):
+    """split_output on EDM's variance-exploding state x = x_t / sqrt(alpha_bar) (signal 1, noise sigma) gives the
+    x0_hat and eps_hat that split_prediction gives on the course's x_t, and for v it is diffusers' Euler formula."""
+    schedule, generator = make_schedule("cosine", 1000), torch.Generator().manual_seed(3)
+    xt, model_output = torch.randn(4, 6, generator=generator).double(), torch.randn(4, 6, generator=generator).double()
+    for t in (0, 300, 900):
+        alpha_bar = schedule.alpha_bar.double()[t]
+        sigma = ((1 - alpha_bar) / alpha_bar).sqrt()
+        x0_vp, eps_vp = split_output(xt, model_output, prediction_type, alpha_bar.sqrt(), (1 - alpha_bar).sqrt())
+        x0_ve, eps_ve = split_output(xt / alpha_bar.sqrt(), model_output, prediction_type, 1, sigma)
+        assert torch.allclose(x0_ve, x0_vp, atol=1e-9) and torch.allclose(eps_ve, eps_vp, atol=1e-9), t
+        if prediction_type == "v":
+            x = xt / alpha_bar.sqrt()
+            diffusers_x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+            assert torch.allclose(x0_ve, diffusers_x0, atol=1e-9)
 
 
 def test_simple_loss_is_zero_for_the_true_noise():

@@ -9,6 +9,7 @@ from course_lib.metrics import (
     class_histogram,
     class_spread,
     classifier_features,
+    classifier_probabilities,
     confident_fraction,
     fid,
     kid,
@@ -122,6 +123,15 @@ def test_class_spread_is_the_rms_distance_to_the_class_mean(classifier, heldout)
         class_spread(classifier, images[:2], torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="10 images, labels of shape \\(9,\\)"):
         class_spread(classifier, images[:10], labels[:9])
+
+
+def test_class_spread_groups_by_the_digit_the_classifier_reads(classifier, heldout):
+    """Asked labels that are wrong (a weakly guided sampler) do not change the default grouping."""
+    images = heldout[0][:60]
+    read = classifier_probabilities(classifier, images).argmax(1)
+    shuffled = read[torch.randperm(60, generator=torch.Generator().manual_seed(0))]
+    assert class_spread(classifier, images) == pytest.approx(class_spread(classifier, images, read), rel=1e-12)
+    assert class_spread(classifier, images, shuffled) > 1.2 * class_spread(classifier, images)
 
 
 def test_bad_inputs_raise(classifier, heldout):

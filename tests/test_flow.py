@@ -9,16 +9,17 @@ and FlowMatchHeunDiscreteScheduler on identical inputs (num_train_timesteps=1000
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 from course_lib.flow import (
     TIME_SCALE,
-    euler_sample,
-    euler_step,
+    euler_flow_sample,
+    euler_flow_step,
     flow_loss,
-    heun_sample,
+    heun_flow_sample,
     interpolate,
     reflow_loss,
     sample_times,
@@ -146,7 +147,7 @@ def test_the_course_unet_takes_the_flow_time_input_and_labels():
     x0, labels = noise((2, 1, 8, 8), seed=7), torch.tensor([3, 10])
     loss = flow_loss(model, x0, torch.Generator().manual_seed(0), cond=labels)
     loss.backward()
-    sample, trajectory = euler_sample(model, noise((2, 1, 8, 8), seed=8), 3, cond=labels, record_every=1)
+    sample, trajectory = euler_flow_sample(model, noise((2, 1, 8, 8), seed=8), 3, cond=labels, record_every=1)
     assert sample.shape == (2, 1, 8, 8) and [t for t, _, _ in trajectory] == pytest.approx([1, 2 / 3, 1 / 3])
 
 
@@ -173,23 +174,23 @@ def test_time_grid_equals_diffusers(shift):
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_euler_step_equals_diffusers(shift):
-    """Each step of a 20-step diffusers run, repeated by euler_step on the same inputs."""
+def test_euler_flow_step_equals_diffusers(shift):
+    """Each step of a 20-step diffusers run, repeated by euler_flow_step on the same inputs."""
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=TIME_SCALE, shift=shift)
     scheduler.set_timesteps(20)
     x = noise()
     for i, t in enumerate(scheduler.timesteps):
         v_hat = fake_model(x, t.expand(4))
         theirs = scheduler.step(v_hat, t, x).prev_sample
-        ours = euler_step(v_hat, x, scheduler.sigmas[i], scheduler.sigmas[i + 1])
+        ours = euler_flow_step(v_hat, x, scheduler.sigmas[i], scheduler.sigmas[i + 1])
         assert (ours - theirs).abs().max() <= 1e-5, i
         x = theirs
 
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_euler_and_heun_runs_equal_diffusers(shift):
-    for sampler, scheduler_class in [(euler_sample, FlowMatchEulerDiscreteScheduler),
-                                     (heun_sample, FlowMatchHeunDiscreteScheduler)]:  # fmt: skip
+    for sampler, scheduler_class in [(euler_flow_sample, FlowMatchEulerDiscreteScheduler),
+                                     (heun_flow_sample, FlowMatchHeunDiscreteScheduler)]:  # fmt: skip
         scheduler = scheduler_class(num_train_timesteps=TIME_SCALE, shift=shift)
         scheduler.set_timesteps(12)
         x = noise()
@@ -198,21 +199,21 @@ def test_euler_and_heun_runs_equal_diffusers(shift):
         model = Counting(fake_model)
         ours, _ = sampler(model, noise(), 12, shift=shift, spacing="diffusers")
         assert (ours - x).abs().max() <= 1e-5, sampler.__name__
-        assert model.calls == len(scheduler.timesteps) == (12 if sampler is euler_sample else 2 * 12 - 1)
+        assert model.calls == len(scheduler.timesteps) == (12 if sampler is euler_flow_sample else 2 * 12 - 1)
 
 
 def test_point_mass_one_euler_step_lands_on_it_and_every_grid_stays_exact():
     x1, point_mass = noise(dtype=torch.float64), gaussian_velocity(MU, 0.0)
-    one_step, _ = euler_sample(point_mass, x1, 1)
+    one_step, _ = euler_flow_sample(point_mass, x1, 1)
     assert torch.allclose(one_step, torch.full_like(x1, MU), atol=1e-12, rtol=0)
-    for sampler in (euler_sample, heun_sample):
+    for sampler in (euler_flow_sample, heun_flow_sample):
         sample, _ = sampler(point_mass, x1, 7, shift=3.0)
         assert torch.allclose(sample, torch.full_like(x1, MU), atol=1e-12, rtol=0)
 
 
 def test_gaussian_one_euler_step_gives_the_data_mean():
     """v(x, 1) = x - E[x0] for any data, so one Euler step from t = 1 lands every noise on the mean."""
-    one_step, _ = euler_sample(gaussian_velocity(MU, S), noise(dtype=torch.float64), 1)
+    one_step, _ = euler_flow_sample(gaussian_velocity(MU, S), noise(dtype=torch.float64), 1)
     assert torch.allclose(one_step, torch.full_like(one_step, MU), atol=1e-12, rtol=0)
 
 
@@ -224,20 +225,20 @@ def test_samplers_converge_to_the_gaussian_ode_solution_at_their_order():
     def error(sampler, steps):
         return (sampler(model, x1, steps)[0] - exact).abs().max().item()
 
-    euler_ratio = error(euler_sample, 20) / error(euler_sample, 40)
-    heun_ratio = error(heun_sample, 20) / error(heun_sample, 40)
+    euler_ratio = error(euler_flow_sample, 20) / error(euler_flow_sample, 40)
+    heun_ratio = error(heun_flow_sample, 20) / error(heun_flow_sample, 40)
     assert 1.8 < euler_ratio < 2.2 and 3.5 < heun_ratio < 4.5, (euler_ratio, heun_ratio)
     # measured: Euler-50 is off by 5e-2, Heun-50 (99 calls) by 1.2e-3, most of it from its last step, an Euler one
-    assert error(heun_sample, 50) < error(euler_sample, 100) / 20
+    assert error(heun_flow_sample, 50) < error(euler_flow_sample, 100) / 20
 
 
 def test_trajectory_records_counting_back_from_the_last_step():
-    sample, trajectory = euler_sample(fake_model, noise(), 10, record_every=3)
+    sample, trajectory = euler_flow_sample(fake_model, noise(), 10, record_every=3)
     assert [round(t, 6) for t, _, _ in trajectory] == [1.0, 0.7, 0.4, 0.1]
     t, xt, x0_hat = trajectory[-1]
     assert torch.allclose(x0_hat, xt - t * fake_model(xt, torch.full((4,), t * TIME_SCALE)), atol=1e-6)
-    assert euler_sample(fake_model, noise(), 10)[1] == []
-    assert torch.equal(sample, euler_sample(fake_model, noise(), 10)[0])  # deterministic
+    assert euler_flow_sample(fake_model, noise(), 10)[1] == []
+    assert torch.equal(sample, euler_flow_sample(fake_model, noise(), 10)[0])  # deterministic
 
 
 # --- reflow and straightness ----------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_trajectory_records_counting_back_from_the_last_step():
 def test_straightness_known_values():
     x1 = noise((512, 2), dtype=torch.float64)
     # a point mass: the Euler path is the straight line itself
-    sample, trajectory = euler_sample(gaussian_velocity(MU, 0.0), x1, 10, shift=3.0, record_every=1)
+    sample, trajectory = euler_flow_sample(gaussian_velocity(MU, 0.0), x1, 10, shift=3.0, record_every=1)
     assert straightness(*path_from_trajectory(trajectory, sample)).max() < 1e-20
     # N(mu, s^2): on the exact path (1 - t) mu + sigma_t x1, sigma_t = sqrt((1 - t)^2 s^2 + t^2), the deviation
     # (x1 - x0) - dx/dt is (1 - s - sigma_t') x1, and int_0^1 sigma_t'^2 dt = 1 + s^2 - s pi / 2, so that
@@ -258,7 +259,7 @@ def test_straightness_known_values():
     assert torch.allclose(straightness(times, path), expected, rtol=1e-5)
     assert torch.allclose(straightness(times.flip(0), path.flip(0)), expected, rtol=1e-5)  # either direction
     # and Euler's path with 400 steps of the exact velocity comes close to it
-    sample, trajectory = euler_sample(gaussian_velocity(MU, S), x1, 400, record_every=1)
+    sample, trajectory = euler_flow_sample(gaussian_velocity(MU, S), x1, 400, record_every=1)
     measured = straightness(*path_from_trajectory(trajectory, sample)).mean()
     assert abs(measured / expected.mean() - 1) < 0.01
 
@@ -272,9 +273,9 @@ def test_reflow_straightens_the_gaussian_flow():
     batched = reflow_pairs(gaussian_velocity(MU, S), x1, steps=200, batch_size=10)[1]
     assert torch.allclose(batched, pair_sample, atol=1e-12)
     assert reflow_loss(straight_velocity(MU, S), torch.stack([pair_noise, pair_sample], 1)).item() < 1e-8
-    one_step, trajectory = euler_sample(straight_velocity(MU, S), x1, 1, record_every=1)
+    one_step, trajectory = euler_flow_sample(straight_velocity(MU, S), x1, 1, record_every=1)
     assert torch.allclose(one_step, MU + S * x1, atol=1e-12)
-    sample, trajectory = euler_sample(straight_velocity(MU, S), x1, 10, record_every=1)
+    sample, trajectory = euler_flow_sample(straight_velocity(MU, S), x1, 10, record_every=1)
     assert straightness(*path_from_trajectory(trajectory, sample)).max() < 1e-20
 
 
@@ -299,10 +300,10 @@ def test_bad_inputs_raise_naming_the_value():
     x = noise()
     for steps in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match=f"steps={steps!r}"):
-            euler_sample(fake_model, x, steps)
+            euler_flow_sample(fake_model, x, steps)
     for shift in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"shift={shift!r}"):
-            heun_sample(fake_model, x, 4, shift=shift)
+            heun_flow_sample(fake_model, x, 4, shift=shift)
     with pytest.raises(ValueError, match="'normal'"):
         flow_loss(fake_model, x, time_sampling="normal")
     with pytest.raises(ValueError, match="'ddim'"):
@@ -312,14 +313,49 @@ def test_bad_inputs_raise_naming_the_value():
     with pytest.raises(ValueError, match=r"\(4, 8\).*\(4, 7\)"):
         flow_loss(fake_model, x, eps=noise((4, 7)))
     with pytest.raises(ValueError, match=r"\(4, 8\).*\(4, 1\)"):
-        euler_sample(lambda xt, t: xt[:, :1], x, 2)
+        euler_flow_sample(lambda xt, t: xt[:, :1], x, 2)
     with pytest.raises(ValueError, match=r"\(3,\)"):
         interpolate(x, x, torch.rand(3))
     with pytest.raises(ValueError, match=r"\(4, 3, 8\)"):
         reflow_loss(fake_model, torch.stack([x, x, x], 1))
     with pytest.raises(ValueError, match="record_every must be >= 0; got -1"):
-        euler_sample(fake_model, x, 2, record_every=-1)
+        euler_flow_sample(fake_model, x, 2, record_every=-1)
     with pytest.raises(ValueError, match="monotonic"):
         straightness(torch.tensor([1.0, 0.5, 0.7]), torch.zeros(3, 4, 8))
     with pytest.raises(ValueError, match="logit_std=0"):
         sample_times(4, time_sampling="logit_normal", logit_std=0)
+
+
+def test_flow_samplers_refuse_an_eps_model_and_say_where_nan_appeared():
+    class EpsModel(torch.nn.Module):
+        prediction_type = "eps"  # as `weights.load_model` marks a DDPM model
+
+        def forward(self, xt, time_input):
+            return fake_model(xt, time_input)
+
+    x = noise()
+    for sampler in (euler_flow_sample, heun_flow_sample):
+        with pytest.raises(ValueError, match="the model predicts 'eps'.*read its output as 'velocity'"):
+            sampler(EpsModel(), x, 4)
+        with pytest.raises(ValueError, match="x1 holds 1 NaN or infinite values"):
+            sampler(fake_model, torch.where(torch.arange(32).view(4, 8) == 3, float("inf"), x), 4)
+    calls = []
+
+    def nan_at_the_fourth_call(xt, time_input):
+        calls.append(time_input[0].item() / TIME_SCALE)
+        return fake_model(xt, time_input) * (float("nan") if len(calls) == 4 else 1.0)
+
+    with pytest.raises(FloatingPointError, match=r"the model output at t=0.5000 \(Heun's corrector of step 2 of 4\)"):
+        heun_flow_sample(nan_at_the_fourth_call, x, 4)  # calls: t = 1, 0.75 (corrector), 0.75, 0.5 (corrector)
+    assert calls[-1] == pytest.approx(0.5)
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=r"the model output at t=0.4000 \(step 4 of 5\)"):
+        euler_flow_sample(nan_at_the_fourth_call, x, 5, spacing="uniform", shift=1.0)  # t = 1, 0.8, 0.6, 0.4 ...
+
+
+def test_flow_steps_may_be_numpy_or_tensor_integers():
+    for steps in (np.int64(6), torch.tensor(6)):
+        assert torch.equal(
+            euler_flow_sample(fake_model, noise(), steps)[0], euler_flow_sample(fake_model, noise(), 6)[0]
+        )
+        assert torch.equal(time_grid(steps), time_grid(6))

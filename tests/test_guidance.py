@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from course_lib.benchmark import draw_samples
 from course_lib.guidance import Guided, cfg_combine, drop_labels, guided_samples, label_condition
 from course_lib.nets.unet import UNet
 from course_lib.samplers import ddim_sample
+from course_lib.sampling import draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.train import TrainConfig, train
 
@@ -54,12 +54,29 @@ def test_guided_prediction_is_one_batched_pass_of_the_cfg_formula():
     assert torch.equal(cfg_combine(torch.zeros(2), torch.ones(2), 3.0), torch.full((2,), 3.0))
 
 
-def test_guided_model_runs_under_a_sampler():
+def test_guided_model_runs_under_a_sampler_as_the_cfg_formula_step_by_step():
+    """A guided DDIM run equals the run of a model that computes the guided prediction by hand from two separate
+    calls (no clipping, so nothing hides a difference), and guidance moves the sample away from the conditional and
+    the unconditional runs of the same noise."""
     model, schedule = class_unet(), make_schedule("cosine", 1000)
     x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    guided = Guided(model, torch.tensor([4]), torch.tensor([10]), 3.0)
-    x0, _ = ddim_sample(guided, schedule, x_T, 3, clip_x0=True)
-    assert x0.shape == x_T.shape and x0.abs().max() <= 1
+    label, null = torch.tensor([4, 4]), torch.tensor([10, 10])
+
+    def by_hand(xt, t):
+        uncond = model(xt, t, null)
+        return uncond + 3.0 * (model(xt, t, label) - uncond)
+
+    def differ(a, b):  # the largest difference relative to the largest value (x0_hat reaches 1e4 at t = 999)
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    guided, trajectory = ddim_sample(Guided(model, label[:1], null[:1], 3.0), schedule, x_T, 3, record_every=1)
+    expected, expected_trajectory = ddim_sample(by_hand, schedule, x_T, 3, record_every=1)
+    for (t, _, x0_hat), (t_expected, _, x0_expected) in zip(trajectory, expected_trajectory, strict=True):
+        assert t == t_expected and differ(x0_hat, x0_expected) < 1e-5, t  # batched and separate calls round apart
+    assert differ(guided, expected) < 1e-5
+    conditional, _ = ddim_sample(Guided(model, label, null, 1.0), schedule, x_T, 3)
+    unconditional, _ = ddim_sample(Guided(model, label, null, 0.0), schedule, x_T, 3)
+    assert differ(guided, conditional) > 0.01 and differ(guided, unconditional) > 0.01
 
 
 def test_guided_samples_share_noise_across_scales_and_match_a_plain_draw():
@@ -79,6 +96,16 @@ def test_guided_samples_share_noise_across_scales_and_match_a_plain_draw():
     assert torch.equal(unconditional, relabelled)
     with pytest.raises(ValueError, match="at least one condition and batch_size >= 1; got 0, 2"):
         guided_samples(model, schedule, labels[:0], null, 1.0, 2, batch_size=2)
+
+
+def test_a_nan_guidance_scale_is_refused_before_any_sampling():
+    for scale in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match=f"the guidance scale must be a number >= 0.*got {scale}"):
+            Guided(class_unet(), torch.tensor([1]), torch.tensor([10]), scale)
+    with pytest.raises(ValueError, match="got nan"):
+        guided_samples(
+            class_unet(), make_schedule("cosine", 1000), torch.tensor([1]), torch.tensor([10]), float("nan"), 2
+        )
 
 
 def test_label_dropout_rate_and_errors():

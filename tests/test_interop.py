@@ -17,7 +17,6 @@ from diffusers import DDIMPipeline, DDPMPipeline, DiffusionPipeline, StableDiffu
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from course_lib.benchmark import SAMPLERS, run_sampler
 from course_lib.captions import VOCABULARY
 from course_lib.ddpm import ddpm_sample
 from course_lib.guidance import cfg_combine
@@ -34,6 +33,7 @@ from course_lib.interop import (
     to_diffusers_scheduler,
 )
 from course_lib.samplers import ddim_sample
+from course_lib.sampling import SAMPLERS, run_sampler
 from course_lib.schedules import SCHEDULE_NAMES, cosine_betas, make_schedule, schedule_from_betas
 from course_lib.weights import load_model
 

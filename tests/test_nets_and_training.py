@@ -7,7 +7,7 @@ import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
 from course_lib.ddpm import ddpm_sample
-from course_lib.flow import euler_sample
+from course_lib.flow import euler_flow_sample
 from course_lib.metrics import mode_proportions
 from course_lib.nets.embedding import timestep_embedding
 from course_lib.nets.mlp import MLPDenoiser
@@ -69,7 +69,7 @@ def test_training_with_the_flow_objective_learns_the_bimodal_data(tmp_path):
     config = TrainConfig(steps=600, batch_size=256, lr=3e-3, warmup=20, ema_decay=None, objective="flow")
     state, _ = train(model, None, data, config, checkpoint=tmp_path / "flow.pt", progress=False)
     assert sum(state.losses[-50:]) / 50 < 0.8 * sum(state.losses[:50]) / 50
-    samples, _ = euler_sample(model, torch.randn(2000, 1, generator=torch.Generator().manual_seed(1)), 50)
+    samples, _ = euler_flow_sample(model, torch.randn(2000, 1, generator=torch.Generator().manual_seed(1)), 50)
     assert torch.allclose(mode_proportions(samples, mixture.means), mixture.weights.float().double(), atol=0.1)
     with pytest.raises(ValueError, match="objective"):
         train(model, None, data, replace(config, objective="ddpm"), checkpoint=tmp_path / "flow.pt", progress=False)

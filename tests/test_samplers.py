@@ -16,6 +16,7 @@ denoiser of a Gaussian mixture, DDIM-50, DPM-Solver++-20 and Euler-30 reproduce 
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -29,9 +30,10 @@ from course_lib.solvers import (
     dpm_solver_sample,
     dpm_solver_second_order_step,
     dpm_solver_timesteps,
-    euler_sample,
-    euler_step,
+    euler_karras_sample,
+    euler_karras_step,
     karras_sigmas,
+    linspace_sigmas,
     sigma_of_timestep,
     sigma_to_timestep,
 )
@@ -96,6 +98,17 @@ def test_karras_sigmas_and_fractional_timesteps_equal_diffusers():
         # t near 999 is a float32 with steps of 6e-5
         assert (sigma_to_timestep(SCHEDULE, sigmas[:-1]).float() - scheduler.timesteps).abs().max() <= 2e-4
         assert torch.allclose(sigma_of_timestep(SCHEDULE, sigma_to_timestep(SCHEDULE, sigmas[:-1])), sigmas[:-1])
+
+
+def test_capped_karras_sigmas_equal_diffusers_sigma_max():
+    """sigma_max caps the top level as diffusers' EulerDiscreteScheduler(sigma_max=...) does (EDM's 80)."""
+    scheduler = with_float64_table(EulerDiscreteScheduler(use_karras_sigmas=True, sigma_max=80.0))
+    scheduler.set_timesteps(10)
+    sigmas = karras_sigmas(SCHEDULE, 10, sigma_max=80.0)
+    assert sigmas[0] == 80.0 and torch.allclose(sigmas.float(), scheduler.sigmas, rtol=1e-6, atol=0)
+    assert (sigma_to_timestep(SCHEDULE, sigmas[:-1]).float() - scheduler.timesteps).abs().max() <= 2e-4
+    with pytest.raises(ValueError, match="sigma_max must exceed"):
+        karras_sigmas(SCHEDULE, 10, sigma_max=0.001)
 
 
 # --- DDIM -------------------------------------------------------------------------------------------------------
@@ -258,7 +271,7 @@ def test_dpm_solver_with_clipping_equals_diffusers_thresholding():
 def test_euler_with_clipping_takes_the_slope_from_the_clipped_estimate():
     """diffusers' Euler has no clip; the course's takes dx/dsigma = (x - clip(D)) / sigma."""
     x, model_output = 5 * noise_at_T(), noise_at_T()
-    x_next, x0_hat = euler_step(model_output, x, 3.0, 2.0, clip_x0=True)
+    x_next, x0_hat = euler_karras_step(model_output, x, 3.0, 2.0, clip_x0=True)
     expected_x0 = (x - 3.0 * model_output).clamp(-1, 1)
     assert torch.equal(x0_hat, expected_x0)
     assert torch.allclose(x_next, x - (x - expected_x0) / 3.0)
@@ -267,7 +280,7 @@ def test_euler_with_clipping_takes_the_slope_from_the_clipped_estimate():
 @pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
 def test_euler_karras_equals_diffusers(prediction_type):
     """Each EulerDiscreteScheduler step (use_karras_sigmas=True) repeated on the same inputs; then a whole run of
-    euler_sample, whose model inputs (x_t, t) must equal `scale_model_input`'s output and `scheduler.timesteps`.
+    euler_karras_sample, whose model inputs (x_t, t) must equal `scale_model_input`'s output and `scheduler.timesteps`.
     The VE state starts at sigma_max ~ 157 times x_T, where float32 steps are 1e-5 apart, so the steps are compared
     relatively (measured: bitwise equal); the model inputs are on the course's scale, x_t = x / sqrt(1 + sigma^2)."""
     scheduler = EulerDiscreteScheduler(use_karras_sigmas=True, prediction_type=DIFFUSERS_PREDICTION[prediction_type])
@@ -280,7 +293,7 @@ def test_euler_karras_equals_diffusers(prediction_type):
         seen_by_diffusers.append((model_input, t.item()))
         model_output = fake_model(model_input, t.expand(4))
         theirs = scheduler.step(model_output, t, x)
-        ours, x0_hat = euler_step(model_output, x, scheduler.sigmas[i], scheduler.sigmas[i + 1], prediction_type)
+        ours, x0_hat = euler_karras_step(model_output, x, scheduler.sigmas[i], scheduler.sigmas[i + 1], prediction_type)
         assert torch.allclose(ours, theirs.prev_sample, rtol=1e-6, atol=1e-5), t
         assert torch.allclose(x0_hat, theirs.pred_original_sample, rtol=1e-6, atol=1e-5), t
         x = theirs.prev_sample
@@ -289,7 +302,7 @@ def test_euler_karras_equals_diffusers(prediction_type):
         seen_by_ours.append((xt, t[0].item()))
         return fake_model(xt, t)
 
-    whole_run, _ = euler_sample(recording_model, SCHEDULE, noise_at_T(), 15, prediction_type)
+    whole_run, _ = euler_karras_sample(recording_model, SCHEDULE, noise_at_T(), 15, prediction_type)
     assert (whole_run - x).abs().max() <= 1e-5
     for (ours_xt, ours_t), (their_xt, their_t) in zip(seen_by_ours, seen_by_diffusers, strict=True):
         assert (ours_xt - their_xt).abs().max() <= 1e-5 and abs(ours_t - their_t) <= 2e-4
@@ -311,7 +324,7 @@ def test_runs_with_diffusers_own_tables():
         runs[name] = x
     assert (ddim_sample(fake_model, SCHEDULE, noise_at_T(), 20)[0] - runs["ddim"]).abs().max() <= 1e-5
     assert (dpm_solver_sample(fake_model, SCHEDULE, noise_at_T(), 20)[0] - runs["dpm"]).abs().max() <= 1e-5
-    assert (euler_sample(fake_model, SCHEDULE, noise_at_T(), 20)[0] - runs["euler"]).abs().max() <= 1e-5
+    assert (euler_karras_sample(fake_model, SCHEDULE, noise_at_T(), 20)[0] - runs["euler"]).abs().max() <= 1e-5
 
 
 # --- with an exact model: inversion, and the mixture's proportions -------------------------------------------------
@@ -356,7 +369,7 @@ def test_samplers_with_the_exact_denoiser_recover_the_mixture():
     samples = {
         "DDIM-50": ddim_sample(model, SCHEDULE, x_T, 50)[0],
         "DPM-Solver++-20": dpm_solver_sample(model, SCHEDULE, x_T, 20)[0],
-        "Euler-30": euler_sample(model, SCHEDULE, x_T, 30)[0],
+        "Euler-30": euler_karras_sample(model, SCHEDULE, x_T, 30)[0],
     }
     for name, x0 in samples.items():
         proportions = mode_proportions(x0, mixture.means)
@@ -393,7 +406,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="got steps=1001"):
         spaced_timesteps(T, 1001)
     with pytest.raises(ValueError, match="got steps=2.5"):
-        euler_sample(model, SCHEDULE, x, 2.5)
+        euler_karras_sample(model, SCHEDULE, x, 2.5)
     with pytest.raises(ValueError, match="got steps=0"):
         dpm_solver_sample(model, SCHEDULE, x, 0)
     with pytest.raises(ValueError, match="steps must be <= 999; got 1000"):
@@ -421,13 +434,13 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="cannot end at the clean data"):
         dpm_solver_second_order_step(SCHEDULE, x, x, x, 50, 100, -1)
     with pytest.raises(ValueError, match="shapes must match"):
-        euler_step(torch.zeros(2, 4), x, 1.0, 0.5)
+        euler_karras_step(torch.zeros(2, 4), x, 1.0, 0.5)
     with pytest.raises(ValueError, match="rho must be > 0; got rho=0"):
         karras_sigmas(SCHEDULE, 10, rho=0)
     with pytest.raises(ValueError, match="timestep t=1000.5 is outside"):
         sigma_of_timestep(SCHEDULE, torch.tensor([3.0, 1000.5]))
     with pytest.raises(ValueError, match="record_every must be >= 0; got -1"):
-        euler_sample(model, SCHEDULE, x, 10, record_every=-1)
+        euler_karras_sample(model, SCHEDULE, x, 10, record_every=-1)
     with pytest.raises(ValueError, match=r"weight must lie in \[0, 1\].*got weight=1.5"):
         slerp(x + 1, x - 1, 1.5)
     with pytest.raises(ValueError, match="got weight=nan"):
@@ -452,3 +465,162 @@ def test_ddim_clip_range_clamps_x0_hat_to_plus_minus_r_and_rejects_a_bad_range()
     assert torch.equal(x0_one, unclipped.clamp(-1, 1))
     with pytest.raises(ValueError, match="-2"):
         ddim_step(schedule, eps_hat, 999, 979, xt, clip_x0=-2)
+
+
+# --- integers of any kind, models that predict something else, NaN --------------------------------------------
+
+
+def test_timesteps_and_steps_may_be_numpy_or_tensor_integers():
+    x, model_output, noise = noise_at_T(), noise_at_T(2), noise_at_T(3)
+    expected = ddim_step(SCHEDULE, model_output, 500, 450, x, noise, 0.5)
+    for t, t_next in [(np.int64(500), np.int64(450)), (torch.tensor(500), torch.tensor(450)), (np.int32(500), 450)]:
+        ours = ddim_step(SCHEDULE, model_output, t, t_next, x, noise, 0.5)
+        assert all(torch.equal(a, b) for a, b in zip(ours, expected, strict=True))
+    assert torch.equal(
+        ddim_step(SCHEDULE, model_output, 20, np.int64(-1), x)[0], ddim_step(SCHEDULE, model_output, 20, -1, x)[0]
+    )
+    with pytest.raises(TypeError, match=r"t must be one integer timestep in 0..999 \(T=1000\); got t=500.0"):
+        ddim_step(SCHEDULE, model_output, 500.0, 450, x)
+    assert spaced_timesteps(np.int64(T), torch.tensor(10)) == spaced_timesteps(T, 10)
+    for sampler in (ddim_sample, dpm_solver_sample, euler_karras_sample):
+        for steps in (np.int64(7), torch.tensor(7)):
+            assert torch.equal(
+                sampler(fake_model, SCHEDULE, noise_at_T(), steps)[0], sampler(fake_model, SCHEDULE, noise_at_T(), 7)[0]
+            )
+
+
+class VelocityModel(torch.nn.Module):
+    """A model whose card said it predicts a flow's velocity, as `weights.load_model` marks it."""
+
+    prediction_type = "velocity"
+
+    def forward(self, xt, t):
+        return fake_model(xt, t)
+
+
+SAMPLE_FUNCTIONS = {
+    "DDPM": lambda model, x, **options: ddpm_sample(model, SCHEDULE, x, torch.Generator().manual_seed(0), **options),
+    "DDIM": lambda model, x, **options: ddim_sample(model, SCHEDULE, x, 10, **options),
+    "DDIM inversion": lambda model, x, **options: ddim_invert(model, SCHEDULE, x, 10, **options),
+    "DPM-Solver++(2M)": lambda model, x, **options: dpm_solver_sample(model, SCHEDULE, x, 10, **options),
+    "Euler (Karras)": lambda model, x, **options: euler_karras_sample(model, SCHEDULE, x, 10, **options),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLE_FUNCTIONS)
+def test_every_sampler_refuses_a_model_that_predicts_something_else(name):
+    run = SAMPLE_FUNCTIONS[name]
+    with pytest.raises(ValueError, match="the model predicts 'velocity'.*read its output as 'eps'"):
+        run(VelocityModel(), noise_at_T())
+    v_model = VelocityModel()
+    v_model.prediction_type = "v"
+    with pytest.raises(ValueError, match="the model predicts 'v'.*read its output as 'x0'"):
+        run(v_model, noise_at_T(), prediction_type="x0")
+    run(v_model, noise_at_T(), prediction_type="v")  # what it declares: accepted
+
+
+@pytest.mark.parametrize("name", SAMPLE_FUNCTIONS)
+def test_every_sampler_says_where_the_first_nan_appeared(name):
+    run, x = SAMPLE_FUNCTIONS[name], noise_at_T()
+    start = "x0" if name == "DDIM inversion" else "x_T"
+    with pytest.raises(ValueError, match=f"{start} holds 1 NaN or infinite values"):
+        run(fake_model, torch.where(torch.arange(32).view(4, 8) == 5, float("nan"), x))
+    calls = []
+
+    def nan_at_the_third_call(xt, t):
+        calls.append(t[0].item())
+        output = fake_model(xt, t)
+        return output * float("nan") if len(calls) == 3 else output
+
+    with pytest.raises(FloatingPointError, match=r"the model output at .*step 3 of .* holds 32 NaN") as error:
+        run(nan_at_the_third_call, x)
+    shown = f"{calls[-1]:.2f}" if name == "Euler (Karras)" else str(calls[-1])
+    assert f"t={shown}" in str(error.value)  # the timestep of the call that made it
+
+
+def test_a_state_that_overflowed_is_told_from_a_model_that_made_nan():
+    """An eps_hat of 3e38 is finite in float32, but x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)
+    overflows: the next state is infinite, and a model reading it outputs NaN (inf * 0)."""
+    with pytest.raises(FloatingPointError, match=r"the state given to the model at t=\d+ \(DDIM step 2 of 10\)"):
+        ddim_sample(lambda xt, t: xt * 0 + 3e38, SCHEDULE, noise_at_T(), 10)
+
+
+# --- the diffusers configurations users meet ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_steps_offset_and_set_alpha_to_one_false_equals_diffusers(eta):
+    """Stable Diffusion's DDIM config: "leading" spacing, steps_offset=1, set_alpha_to_one=False (the last step ends
+    at alpha_bar_0, not at the clean data). A whole 20-step run, noise drawn in the same order."""
+    options = dict(clip_sample=False, timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    scheduler = with_float64_table(DDIMScheduler(**options))
+    scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]  # the same table for the last step's target
+    scheduler.set_timesteps(20)
+    assert spaced_timesteps(T, 20, "leading", steps_offset=1) == scheduler.timesteps.tolist()
+    x, noises = noise_at_T(), torch.Generator().manual_seed(3)
+    for t in scheduler.timesteps:
+        noise = torch.randn(4, 8, generator=noises)
+        x = scheduler.step(fake_model(x, t.expand(4)), t, x, eta=eta, variance_noise=noise).prev_sample
+    generator = torch.Generator().manual_seed(3)
+    sd_options = dict(spacing="leading", steps_offset=1, set_alpha_to_one=False)
+    ours, _ = ddim_sample(fake_model, SCHEDULE, noise_at_T(), 20, eta, generator, **sd_options)
+    assert (ours - x).abs().max() <= 1e-5
+    default, _ = ddim_sample(fake_model, SCHEDULE, noise_at_T(), 20, eta, torch.Generator().manual_seed(3))
+    assert (default - x).abs().max() > 1e-3  # the options change the run
+    with pytest.raises(ValueError, match="steps_offset=20 puts the first timestep at 1000, past T - 1 = 999"):
+        spaced_timesteps(T, 50, "leading", steps_offset=20)
+    with pytest.raises(ValueError, match="steps_offset=-1"):
+        spaced_timesteps(T, 50, "leading", steps_offset=-1)
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+@pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_dpm_solver_final_sigmas_type_and_lower_order_final_equal_diffusers(
+    steps, final_sigmas_type, lower_order_final
+):
+    """diffusers' rule for the last step: first order into the clean data, or (with "sigma_min") when
+    lower_order_final is set and there are fewer than 15 steps; second order otherwise."""
+    options = dict(final_sigmas_type=final_sigmas_type, lower_order_final=lower_order_final)
+    scheduler = with_float64_table(DPMSolverMultistepScheduler(**options))
+    scheduler.set_timesteps(steps)
+    x = noise_at_T()
+    for t in scheduler.timesteps:
+        x = scheduler.step(fake_model(x, t.expand(4)), t, x).prev_sample
+    ours, _ = dpm_solver_sample(fake_model, SCHEDULE, noise_at_T(), steps, **options)
+    assert (ours - x).abs().max() <= 1e-5
+    if final_sigmas_type == "sigma_min":  # the run ends at the noise level of t = 0, not at the clean data
+        assert (ours - dpm_solver_sample(fake_model, SCHEDULE, noise_at_T(), steps)[0]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="unknown final_sigmas_type 'sigma_max'; valid: zero, sigma_min"):
+        dpm_solver_sample(fake_model, SCHEDULE, noise_at_T(), steps, final_sigmas_type="sigma_max")
+
+
+@pytest.mark.parametrize("prediction_type", ["eps", "x0", "v"])
+def test_plain_euler_equals_diffusers(prediction_type):
+    """EulerDiscreteScheduler with its defaults (no Karras sigmas, "linspace" spacing): 15 steps put the timesteps
+    between integers, where diffusers interpolates sigma linearly. The noise levels, the network's inputs and a
+    whole run agree."""
+    scheduler = with_float64_table(EulerDiscreteScheduler(prediction_type=DIFFUSERS_PREDICTION[prediction_type]))
+    scheduler.set_timesteps(15)
+    sigmas, timesteps = linspace_sigmas(SCHEDULE, 15)
+    assert torch.allclose(sigmas.float(), scheduler.sigmas, rtol=1e-6, atol=0)
+    assert torch.equal(timesteps, scheduler.timesteps) and timesteps[1] % 1 != 0  # fractional
+    seen_by_diffusers, seen_by_ours = [], []
+    x = noise_at_T() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(x, t)
+        seen_by_diffusers.append((model_input, t.item()))
+        x = scheduler.step(fake_model(model_input, t.expand(4)), t, x).prev_sample
+
+    def recording_model(xt, t):
+        seen_by_ours.append((xt, t[0].item()))
+        return fake_model(xt, t)
+
+    ours, _ = euler_karras_sample(
+        recording_model, SCHEDULE, noise_at_T(), 15, prediction_type, sigma_spacing="linspace"
+    )
+    assert (ours - x).abs().max() <= 1e-5
+    for (ours_xt, ours_t), (their_xt, their_t) in zip(seen_by_ours, seen_by_diffusers, strict=True):
+        assert (ours_xt - their_xt).abs().max() <= 1e-5 and ours_t == their_t
+    karras, _ = euler_karras_sample(fake_model, SCHEDULE, noise_at_T(), 15, prediction_type)
+    assert (karras - ours).abs().max() > 1e-3  # other noise levels, another run

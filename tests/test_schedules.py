@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -80,7 +81,8 @@ def test_gather_broadcasts_and_follows_the_data():
         (lambda: make_schedule("quadratic", 10, beta_end=1.5), "beta_end=1.5"),
         (lambda: cosine_betas(10, max_beta=1.0), "max_beta=1.0"),
         (lambda: schedule_from_betas(torch.tensor([0.1, 0.0, 0.2])), r"beta\[1\]=0.0"),
-        (lambda: schedule_from_betas(torch.tensor([0.1, 1.0])), r"beta\[1\]=1.0"),
+        (lambda: schedule_from_betas(torch.tensor([0.1, 1.5])), r"beta\[1\]=1.5"),
+        (lambda: schedule_from_betas(torch.tensor([1.0, 0.5])), r"beta\[0\]=1.0"),
         (lambda: schedule_from_betas(torch.tensor([-0.1, 0.5])), r"beta\[0\]=-0.1"),
     ],
 )
@@ -100,3 +102,41 @@ def test_bad_timesteps_raise_and_name_the_value():
         gather(s.betas, torch.tensor([0.5, 1.0]), x)
     with pytest.raises(ValueError, match="3 timesteps for a batch of 2"):
         gather(s.betas, torch.tensor([1, 2, 3]), x)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "quadratic"])
+def test_zero_terminal_snr_equals_diffusers(name):
+    """Lin et al. 2024, Algorithm 1, against diffusers' rescale_betas_zero_snr=True on the same betas."""
+    ours = make_schedule(name, 1000, zero_terminal_snr=True)
+    theirs = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETA_SCHEDULE[name], rescale_betas_zero_snr=True
+    )
+    assert (ours.alpha_bar.double() - theirs.alphas_cumprod.double()).abs().max() <= 1e-6
+    assert ours.alpha_bar[-1] == 0 and ours.snr[-1] == 0 and ours.betas[-1] == 1
+    assert torch.isclose(ours.alpha_bar[0], make_schedule(name, 1000).alpha_bar[0]), "t = 0 must not move"
+
+
+def test_a_beta_of_one_is_allowed_only_at_the_last_step():
+    betas = torch.full((10,), 0.1, dtype=torch.float64)
+    betas[4] = 1.0
+    with pytest.raises(ValueError, match=r"beta\[4\]=1.0"):
+        schedule_from_betas(betas)
+
+
+@pytest.mark.parametrize("T", [np.int64(50), np.int32(50), torch.tensor(50)], ids=repr)
+def test_numpy_and_tensor_integers_are_accepted_for_T(T):
+    """The same tables as for the int 50 (a 0-d tensor T must not turn the float64 maths into float32)."""
+    for name in SCHEDULE_NAMES:
+        schedule = make_schedule(name, T)
+        assert type(schedule.T) is int and torch.equal(schedule.betas, make_schedule(name, 50).betas), name
+
+
+def test_one_timestep_may_be_any_integer_and_a_float_is_refused_by_value():
+    s, x = make_schedule("linear", 10), torch.zeros(2, 3)
+    for t in (np.int64(4), torch.tensor(4), np.int32(4)):
+        assert torch.equal(gather(s.betas, t, x), gather(s.betas, 4, x))
+    for t, shown in [(2.5, "t=2.5"), (2.0, "t=2.0"), (True, "t=True")]:
+        with pytest.raises(TypeError, match=f"a timestep must be an integer in 0..9 .*got {shown}"):
+            gather(s.betas, t, x)
+    with pytest.raises(ValueError, match="T=True"):
+        make_schedule("linear", True)

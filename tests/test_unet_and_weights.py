@@ -14,11 +14,30 @@ from course_lib.weights import load_card, load_model, load_weights, model_config
 TINY = dict(channels=(8, 16), blocks=(1, 1), attention=(False, True), heads=2, groups=4)
 
 
+def randomise_zero_layers(model: UNet) -> UNet:
+    """The zero-initialised layers (the output, the last of every residual branch) randomised, as training makes
+    them: with them at zero the output is 0 whatever the input, and no test of what it depends on could fail."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if (parameter == 0).all():
+                parameter.normal_(0, 0.1)
+    return model
+
+
 def test_unet_shapes_and_conditioning_hook():
-    model = UNet(**TINY, cond_dim=5)
+    model = randomise_zero_layers(UNet(**TINY, cond_dim=5)).eval()
     x, t = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 999])
+    cond = torch.randn(3, 5)
     assert model(x, t).shape == (3, 1, 28, 28)
-    assert model(x, t, torch.randn(3, 5)).shape == (3, 1, 28, 28)
+    assert model(x, t, cond).shape == (3, 1, 28, 28)
+    # the condition reaches the output, per example: changing the condition of example 0 changes only its output
+    other = cond.clone()
+    other[0] = torch.randn(5)
+    with_cond, with_other = model(x, t, cond), model(x, t, other)
+    assert (with_cond[0] - with_other[0]).abs().max() > 1e-3
+    assert torch.allclose(with_cond[1:], with_other[1:], atol=1e-6)
+    assert (model(x, t) - with_cond).abs().max() > 1e-3  # no condition is not the same as this one
     latent = UNet(in_channels=4, channels=(16, 32), blocks=(1, 1), attention=(False, True), groups=4)
     assert latent(torch.randn(2, 4, 8, 8), torch.tensor([1, 2])).shape == (2, 4, 8, 8)
     # odd sizes: 7 x 7 latents go down to 4 x 4 and come back up to the skip's 7 x 7

@@ -1,0 +1,160 @@
+"""Recipes: each shipped or compared model's network, schedule and training settings, in one place.
+
+Read by scripts/train_unet.py (which trains and exports them), scripts/bench.py and the notebooks. A recipe is
+fixed once a run has started: every session that resumes it must train the same run (the checkpoint refuses
+another config, schedule or data).
+
+    unet_mnist_eps      unconditional digits, eps prediction, min-SNR-5 (chapters 4-5)
+    unet_mnist_class    class-conditional digits with 10% label dropout, for classifier-free guidance (chapter 7)
+    unet_mnist_text     digits from captions, text encoder and cross-attention trained together (chapter 7)
+    latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6)
+    unet_mnist_flow     flow matching (velocity on straight paths), started from unet_mnist_eps (chapter 10)
+    cmp_*               chapter 11's equal-budget comparison: the same UNet from scratch, same seed, the same
+                        256,000 training images, one objective each (COMPARISON)
+"""
+
+import importlib
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from course_lib.train import TrainConfig
+from course_lib.weights import load_weights
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # data/NAME.safetensors and data/training/NAME.pt
+    model: dict  # keyword arguments of model_class
+    config: TrainConfig
+    schedule: dict | None = field(default_factory=lambda: dict(name="cosine", T=1000))  # None: no DDPM schedule
+    condition: str | None = None  # None, "labels" or "captions" (each partly dropped: classifier-free guidance)
+    latents: str | None = None  # train on this shipped VAE's scaled latents instead of pixels
+    model_class: str = "course_lib.nets.unet.UNet"
+    init_from: str | None = None  # start the UNet from this shipped model (new layers start as no-ops)
+    about: str = ""  # one line for cards and tables
+
+
+LABEL_DROPOUT = 0.1  # labels trained as "no label"
+CAPTION_DROPOUT = dict(drop_part=0.3, drop_all=0.1)  # see course_lib.captions.random_captions
+
+# The course's digit UNet (1.89 M parameters): attention only at 7 x 7, two blocks there.
+DIGIT_MODEL = dict(channels=(32, 64, 96), blocks=(1, 1, 2), attention=(False, False, True), heads=4, groups=8)
+DIGIT_SCHEDULE = dict(name="cosine", T=1000)
+DIGIT_CONFIG = TrainConfig(
+    steps=6000,
+    batch_size=128,
+    lr=2e-3,
+    warmup=200,
+    grad_clip=1.0,
+    ema_decay=0.999,
+    prediction_type="eps",
+    min_snr_gamma=5.0,
+    seed=0,
+    checkpoint_every_s=300,
+)
+# The conditional models start from the unconditional one, whose denoising they keep, and learn the condition.
+FINE_TUNE_CONFIG = replace(DIGIT_CONFIG, steps=2000, lr=1e-3, warmup=100)
+# The flow model keeps the eps model's features and relearns what its output means (a velocity): the fine-tune's
+# 2,000 steps, as the class model (about 2 h on one CPU thread). min-SNR is a "ddpm" weighting: a flow has none.
+FLOW_CONFIG = replace(FINE_TUNE_CONFIG, objective="flow", min_snr_gamma=None)
+
+# Chapter 11's equal-budget comparison: 2,000 steps of 128 = 256,000 images each, from the same initial weights
+# (seed 0) and the same learning-rate schedule; only the objective (and its standard weighting) differs.
+COMPARISON_CONFIG = replace(DIGIT_CONFIG, steps=2000)
+_plain = dict(min_snr_gamma=None)
+
+RECIPES = {
+    recipe.name: recipe
+    for recipe in [
+        Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG, about="eps prediction, min-SNR-5"),
+        Recipe(
+            "unet_mnist_class",
+            {**DIGIT_MODEL, "num_classes": 10},
+            FINE_TUNE_CONFIG,
+            condition="labels",
+            init_from="unet_mnist_eps",
+            about="class labels, 10% dropped",
+        ),
+        Recipe(
+            "unet_mnist_text",
+            {**DIGIT_MODEL, "text": dict(dim=64, layers=2, heads=4)},
+            replace(FINE_TUNE_CONFIG, steps=3000),
+            condition="captions",
+            model_class="course_lib.nets.text.TextConditionedUNet",
+            init_from="unet_mnist_eps",
+            about="captions, parts and whole captions dropped",
+        ),
+        Recipe("unet_mnist_flow", DIGIT_MODEL, FLOW_CONFIG, schedule=None, init_from="unet_mnist_eps"),
+        Recipe(
+            "latent_mnist_eps",
+            # one block per level: 0.76 s a step on one thread against 1.51 with two (same widths), 106 ms against
+            # 170 per call of 50 latents (measured before the first run; the pixel UNet takes about 400)
+            dict(in_channels=4, channels=(64, 128), blocks=(1, 1), attention=(False, True), heads=4, groups=8),
+            DIGIT_CONFIG,
+            latents="vae_mnist",
+        ),
+        # --- chapter 11's comparison -----------------------------------------------------------------------
+        Recipe("cmp_eps", DIGIT_MODEL, COMPARISON_CONFIG, about="eps, min-SNR-5 (the shipped model's recipe)"),
+        Recipe("cmp_v", DIGIT_MODEL, replace(COMPARISON_CONFIG, prediction_type="v", **_plain), about="v, plain MSE"),
+        Recipe(
+            "cmp_flow",
+            DIGIT_MODEL,
+            replace(COMPARISON_CONFIG, objective="flow", **_plain),
+            schedule=None,
+            about="flow matching, t uniform",
+        ),
+        Recipe(
+            "cmp_flow_logit",
+            DIGIT_MODEL,
+            replace(COMPARISON_CONFIG, objective="flow", time_sampling="logit_normal", **_plain),
+            schedule=None,
+            about="flow matching, t logit-normal(0, 1)",
+        ),
+        Recipe(
+            "cmp_edm",
+            DIGIT_MODEL,
+            replace(COMPARISON_CONFIG, objective="edm", **_plain),
+            schedule=None,
+            about="EDM preconditioning, ln sigma ~ N(-1.2, 1.2^2)",
+        ),
+        Recipe(
+            "cmp_v_zsnr",
+            DIGIT_MODEL,
+            replace(COMPARISON_CONFIG, prediction_type="v", **_plain),
+            schedule={**DIGIT_SCHEDULE, "zero_terminal_snr": True},
+            # last: the cosine schedule's alpha_bar already ends at 2.4e-9, so the rescale moves sqrt(alpha_bar) by
+            # at most 5e-5; this run measures whether that last step matters
+            about="v, plain MSE, cosine rescaled to zero terminal SNR",
+        ),
+    ]
+}
+COMPARISON = tuple(name for name in RECIPES if name.startswith("cmp_"))
+
+
+def model_class(path: str) -> type:
+    """The class a dotted path names, for course_lib classes only (cards and recipes name their model so)."""
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name.startswith("course_lib."):
+        raise ValueError(f"{path!r} is not a course_lib class; only course_lib classes are built")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build(recipe: Recipe) -> torch.nn.Module:
+    """The recipe's model at initialisation, or started from `init_from`: its UNet takes the shipped weights, and
+    the class embedding starts at zero, so that at step 0 the model is the shipped unconditional one (the
+    cross-attention layers start as no-ops anyway: their output layers are zero-initialised)."""
+    model = model_class(recipe.model_class)(**recipe.model)
+    if recipe.init_from:
+        unet = getattr(model, "unet", model)
+        load_weights(unet, recipe.init_from, allow_new=True)
+        if unet.class_emb is not None:
+            torch.nn.init.zeros_(unet.class_emb.weight)
+    return model
+
+
+def prediction_type(recipe: Recipe) -> str:
+    """What the recipe's network outputs, as its card records it: eps, x0 or v (a "ddpm" objective), "velocity"
+    (flow matching) or "edm" (EDM's raw network F, used through course_lib.edm.denoise)."""
+    objective = recipe.config.objective
+    return {"ddpm": recipe.config.prediction_type, "flow": "velocity", "reflow": "velocity", "edm": "edm"}[objective]

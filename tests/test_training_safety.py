@@ -1,0 +1,190 @@
+"""The training loop keeps good work: a diverged run stops before it saves, an interrupt saves and restores eval
+mode, a checkpoint refuses another schedule or other data, and bad settings are refused by name."""
+
+import signal
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from course_lib.ddpm import simple_loss
+from course_lib.edm import edm_loss
+from course_lib.flow import flow_loss, reflow_loss
+from course_lib.nets.mlp import MLPDenoiser
+from course_lib.recipes import COMPARISON, RECIPES, prediction_type
+from course_lib.schedules import make_schedule
+from course_lib.train import LOSSES, OBJECTIVES, TrainConfig, train
+
+CONFIG = TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup=1, checkpoint_every_s=0.0, seed=0)
+
+
+def tiny() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MLPDenoiser(data_dim=2, hidden=16, depth=1)
+
+
+def data(n: int = 64) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+
+
+def weights(model) -> dict:
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+class Poisonable(torch.nn.Module):
+    """A tiny denoiser whose output turns NaN from its call number `poison_from` on: a run that diverges."""
+
+    def __init__(self, poison_from: int):
+        super().__init__()
+        self.net, self.calls, self.poison_from = tiny(), 0, poison_from
+
+    def forward(self, xt, t):
+        self.calls += 1
+        out = self.net(xt, t)
+        return out * float("nan") if self.calls >= self.poison_from else out
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    checkpoint, schedule = tmp_path / "run.pt", make_schedule("linear", 50)
+    model = Poisonable(poison_from=4)  # steps 0-2 are good and saved (checkpoint_every_s=0), step 3 diverges
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*still holds the last good state"):
+        train(model, schedule, data(), CONFIG, checkpoint=checkpoint, progress=False)
+    after = torch.load(checkpoint, weights_only=True)
+    assert after["step"] == 3, "the checkpoint must be the one saved after the last good step"
+    assert all(torch.isfinite(value).all() for value in model.state_dict().values()), "NaN reached the weights"
+    assert not model.training, "the model must be left in eval mode"
+
+
+def test_nan_in_the_data_stops_at_the_first_step():
+    poisoned = data()
+    poisoned[::2] = float("nan")
+    with pytest.raises(FloatingPointError, match="loss is nan at step 0"):
+        train(tiny(), make_schedule("linear", 50), poisoned, CONFIG, progress=False)
+
+
+def test_a_huge_learning_rate_stops_on_the_first_non_finite_value():
+    model = tiny()
+    schedule = make_schedule("linear", 50)
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        train(model, schedule, data() * 1e30, replace(CONFIG, lr=1e30, grad_clip=None), progress=False)
+
+
+def test_an_interrupt_saves_the_run_and_restores_eval_mode(tmp_path):
+    """The notebook's Stop button raises KeyboardInterrupt inside the loop: the work so far is saved."""
+    checkpoint, schedule = tmp_path / "run.pt", make_schedule("linear", 50)
+    calls = {"n": 0}
+
+    class StopAfterFour(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny()
+
+        def forward(self, xt, t):
+            calls["n"] += 1
+            if calls["n"] == 5:  # during step 5, as a user's interrupt would
+                raise KeyboardInterrupt
+            return self.net(xt, t)
+
+    model = StopAfterFour()
+    config = replace(CONFIG, checkpoint_every_s=1e9)  # no periodic save: only the interrupt saves
+    with pytest.raises(KeyboardInterrupt):
+        train(model, schedule, data(), config, checkpoint=checkpoint, progress=False)
+    assert not model.training
+    assert torch.load(checkpoint, weights_only=True)["step"] == 4
+
+
+def test_resuming_with_another_schedule_or_other_data_is_refused(tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    train(tiny(), make_schedule("linear", 50), data(), CONFIG, budget_s=1e-9, checkpoint=checkpoint, progress=False)
+    with pytest.raises(ValueError, match="another schedule or other data.*schedule"):
+        train(tiny(), make_schedule("cosine", 50), data(), CONFIG, checkpoint=checkpoint, progress=False)
+    with pytest.raises(ValueError, match="another schedule or other data.*data"):
+        train(tiny(), make_schedule("linear", 50), data() + 1, CONFIG, checkpoint=checkpoint, progress=False)
+    state, _ = train(tiny(), make_schedule("linear", 50), data(), CONFIG, checkpoint=checkpoint, progress=False)
+    assert state.step == CONFIG.steps
+
+
+def test_a_truncated_checkpoint_is_named(tmp_path):
+    checkpoint = tmp_path / "run.pt"
+    train(tiny(), make_schedule("linear", 50), data(), CONFIG, budget_s=1e-9, checkpoint=checkpoint, progress=False)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"run\.pt is not a readable checkpoint"):
+        train(tiny(), make_schedule("linear", 50), data(), CONFIG, checkpoint=checkpoint, progress=False)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(lr=-1.0), "lr=-1.0"),
+        (dict(lr=float("nan")), "lr=nan"),
+        (dict(grad_clip=0.0), "grad_clip=0.0"),
+        (dict(objective="flow", min_snr_gamma=5.0), "min_snr_gamma=5.0"),
+        (dict(time_sampling="lognormal"), "time_sampling 'lognormal'"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(settings, message):
+    with pytest.raises(ValueError, match=message):
+        replace(CONFIG, **settings)
+
+
+def test_empty_data_and_a_negative_budget_are_refused():
+    with pytest.raises(ValueError, match="no training data"):
+        train(tiny(), make_schedule("linear", 50), torch.zeros(0, 2), CONFIG, progress=False)
+    with pytest.raises(ValueError, match="budget_s=-5"):
+        train(tiny(), make_schedule("linear", 50), data(), CONFIG, budget_s=-5, progress=False)
+
+
+@pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "reflow"])
+def test_every_objective_lowers_its_loss_on_a_fixed_batch(objective):
+    """Overfit two points: each objective's loss falls (the loss table calls each one correctly)."""
+    torch.manual_seed(0)
+    model = MLPDenoiser(data_dim=2, hidden=64, depth=2)
+    schedule = make_schedule("cosine", 100) if objective == "ddpm" else None
+    config = replace(CONFIG, steps=300, batch_size=64, lr=3e-3, warmup=10, objective=objective, ema_decay=None)
+    state, _ = train(model, schedule, data(2).repeat(32, 1), config, progress=False)  # two points: learnable
+    first, last = sum(state.losses[:30]) / 30, sum(state.losses[-30:]) / 30
+    assert last < 0.8 * first, f"{objective}: loss {first:.3f} -> {last:.3f}"
+
+
+def test_the_loss_table_calls_each_objective_with_the_configs_options():
+    """LOSSES[objective] equals the direct call of its function with the config's options, on the same draws."""
+    model, schedule, x0 = tiny(), make_schedule("cosine", 100), data(16)
+    direct = {
+        "ddpm": lambda g: simple_loss(model, schedule, x0, g, "v", 5.0),
+        "flow": lambda g: flow_loss(model, x0, g, time_sampling="logit_normal"),
+        "reflow": lambda g: reflow_loss(model, torch.stack([x0, x0.flip(0)], 1), g, time_sampling="logit_normal"),
+        "edm": lambda g: edm_loss(model, x0, g),
+    }
+    for objective, call in direct.items():
+        config = replace(CONFIG, objective=objective, time_sampling="logit_normal")
+        if objective == "ddpm":
+            config = replace(config, prediction_type="v", min_snr_gamma=5.0)
+        batch = torch.stack([x0, x0.flip(0)], 1) if objective == "reflow" else x0
+        ours = LOSSES[objective](model, schedule, batch, torch.Generator().manual_seed(3), None, config)
+        assert torch.equal(ours, call(torch.Generator().manual_seed(3))), objective
+
+
+def test_the_comparison_recipes_differ_only_in_their_objective():
+    """Chapter 11's equal-budget comparison: same network, seed, steps, batch and learning rate for every run."""
+    recipes = [RECIPES[name] for name in COMPARISON]
+    assert {prediction_type(recipe) for recipe in recipes} == {"eps", "v", "velocity", "edm"}
+    for recipe in recipes:
+        assert recipe.model == recipes[0].model and recipe.init_from is None
+        for field in ("steps", "batch_size", "lr", "warmup", "seed", "ema_decay", "grad_clip"):
+            assert getattr(recipe.config, field) == getattr(recipes[0].config, field), (recipe.name, field)
+    assert recipes[0].config.steps * recipes[0].config.batch_size == 256_000
+
+
+def test_a_sigint_during_training_saves(tmp_path):
+    """The same through a real SIGINT, as Jupyter's Stop button sends it to the kernel."""
+    checkpoint = tmp_path / "run.pt"
+    timer = threading.Timer(1.0, lambda: signal.raise_signal(signal.SIGINT))
+    config = replace(CONFIG, steps=10**7, checkpoint_every_s=1e9)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(), make_schedule("linear", 50), data(), config, checkpoint=checkpoint, progress=False)
+    finally:
+        timer.cancel()
+    assert torch.load(checkpoint, weights_only=True)["step"] > 0
