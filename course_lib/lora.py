@@ -75,6 +75,8 @@ class LoRALayer(nn.Module):
             raise ValueError(f"this layer already has an adapter named {name!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be a positive integer; got rank={rank!r}")
+        if not is_finite_number(alpha):
+            raise ValueError(f"alpha must be a finite number; got alpha={alpha!r}")
         base = self.base_layer
         if isinstance(base, nn.Linear):
             A = nn.Linear(base.in_features, rank, bias=False)
@@ -172,6 +174,8 @@ def mark_only_lora_trainable(model: nn.Module) -> int:
 
 def set_lora_scale(model: nn.Module, scale: float, adapter: str | None = None) -> None:
     """Set the user scale s of one adapter (or of all) in every LoRA layer; merged layers must be unmerged first."""
+    if not is_finite_number(scale):
+        raise ValueError(f"scale must be a finite number (0: the adapter off, 1: as trained); got scale={scale!r}")
     layers = lora_layers(model)
     if any(layer.merged for layer in layers.values()):
         raise RuntimeError("unmerge_lora(model) before changing a scale: merged weights hold the old one")

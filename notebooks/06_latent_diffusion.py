@@ -57,6 +57,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from course_lib.benchmark import ms_per_call
+from course_lib.claims import check_claim, clearly_below
 from course_lib.data import load_digits
 from course_lib.metrics import class_accuracy, confident_fraction, load_digit_classifier, sample_scores
 from course_lib.nets.vae import DiagonalGaussian
@@ -278,10 +279,17 @@ print(
 
 # %%
 scores = {"pixel": sample_scores(classifier, pixel_samples), "latent": sample_scores(classifier, latent_samples)}
-print(f"n = {n}, real-vs-real floor FID {scores['pixel']['fid_floor']:.2f}")
+print(f"n = {n}, real-vs-real floor FID {scores['pixel']['fid_floor']:.2f} ± {scores['pixel']['fid_floor_sd']:.2f}")
 for name, score in scores.items():
-    print(f"  {name:6s}: FID {score['fid']:6.2f}, confident {score['confident_fraction']:.2f}")
+    print(f"  {name:6s}: FID {score['fid']:6.2f} ± {score['fid_sd']:.2f}, confident {score['confident_fraction']:.2f}")
 print(f"latent FID / pixel FID: {scores['latent']['fid'] / scores['pixel']['fid']:.2f}")
+pixel, latent = scores["pixel"], scores["latent"]
+check_claim(  # the recap says so
+    not clearly_below(pixel["fid"], pixel["fid_sd"], latent["fid"], latent["fid_sd"]),
+    "the latent model's FID is no worse than the pixel model's (beyond the spread)",
+    f"latent {latent['fid']:.2f} ± {latent['fid_sd']:.2f}, pixel {pixel['fid']:.2f} ± {pixel['fid_sd']:.2f}",
+    decisive=profile.name != "smoke",
+)
 fig, (ax_pixel, ax_latent) = plt.subplots(1, 2, figsize=(10, 3))
 show_images(pixel_samples[:32], nrow=8, ax=ax_pixel, title=f"pixel DDIM-{profile.sample_steps}")
 show_images(latent_samples[:32], nrow=8, ax=ax_latent, title=f"latent DDIM-{profile.sample_steps} + decoder")

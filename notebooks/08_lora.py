@@ -290,14 +290,14 @@ rows = {
     "full": compare["full"]["kept"]["model"],
 }
 measures = {"base": compare["base"], "LoRA": compare["lora"]["measure"], "full": compare["full"]["measure"]}
-kept = compare["lora"]["kept"]
-print(f"{kept['n']} samples each; real floor FID {kept['floor_fid']:.2f} ± {kept['floor_fid_sd']:.2f}")
-print(f"{'model':6s} {'thickness':>9s} {'largest class':>13s} {'confident':>9s} {'FID ± sd':>13s}")
+print(f"{compare['lora']['kept']['n']} samples each; in brackets, the same reading of the real digits")
+print(f"{'model':6s} {'thickness':>9s} {'largest class':>15s} {'confident':>15s} {'FID ± sd (floor ± sd)':>24s}")
 for name, row in rows.items():
-    print(
-        f"{name:6s} {measures[name]:9.2f} {row['largest_class_share']:13.1%} {row['confident_fraction']:9.1%} "
-        f"{row['fid']:6.2f} ± {row['fid_sd']:4.2f}"
-    )
+    real = row["reference"]
+    share = f"{row['largest_class_share']:.1%} ({real['largest_class_share']:.1%})"
+    confident = f"{row['confident_fraction']:.1%} ({real['confident_fraction']:.1%})"
+    fid_text = f"{row['fid']:.2f} ± {row['fid_sd']:.2f} ({real['floor_fid']:.2f} ± {real['floor_fid_sd']:.2f})"
+    print(f"{name:6s} {measures[name]:9.2f} {share:>15s} {confident:>15s} {fid_text:>24s}")
 lora_run, full_run = compare["lora"], compare["full"]
 print(
     f"LoRA: {lora_run['share']:.1%} of the parameters, {lora_run['seconds']:.0f} s; full: {full_run['seconds']:.0f} s"
@@ -305,17 +305,41 @@ print(
 print(f"LoRA moves the thickness {compare['lora_reach']:.0%} as far as the full fine-tune")
 
 # %% [markdown]
-# The course's targets for an adapter, checked on these stored results (so in every profile): it keeps every class
-# (largest class share at most 15%), its FID stays within 1.5x the base model's, and it moves the style at least
-# 90% as far as the full fine-tune.
+# How to read it. Each model is scored against the real digits it should resemble: the base model against held-out
+# digits, the fine-tunes against the same digits made bold (FID against thin digits would punish the very change
+# we asked for). In brackets, the classifier's reading of those real digits: a perfect model would score that.
+#
+# The course's targets for an adapter are: it moves the style at least 90% as far as the full fine-tune, it keeps
+# every class (largest class share at most 15%), and its FID stays within 1.5x the base model's. On these stored
+# results (so the checks below hold in every profile): the adapter moves the style as far as the full fine-tune;
+# both fine-tunes make more eights than the classifier finds among real bold digits, so neither meets the class
+# target (bold strokes close the loops of other digits); and the adapter's FID is more than 1.5x the base model's
+# while the full fine-tune's stays within it, and fewer of the adapter's digits read with confidence. A rank-4
+# adapter trained with these settings buys its 2% of the weights with quality; which rank, learning rate and step
+# count keep it is open work for this chapter.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-lora_kept = compare["lora"]["kept"]
-largest, ratio, reach = lora_kept["model"]["largest_class_share"], lora_kept["fid_ratio"], compare["lora_reach"]
-check_claim(largest <= 0.15, "the adapter keeps every class (largest share <= 15%)", f"{largest:.1%}")
-check_claim(ratio <= 1.5, "its FID stays within 1.5x the base model's", f"{ratio:.2f}x")
-check_claim(reach >= 0.9, "it moves the style >= 90% as far as the full fine-tune", f"{reach:.0%}")
+lora_kept, full_kept, reach = compare["lora"]["kept"], compare["full"]["kept"], compare["lora_reach"]
+real_share = lora_kept["model"]["reference"]["largest_class_share"]
+shares = {name: kept["model"]["largest_class_share"] for name, kept in (("LoRA", lora_kept), ("full", full_kept))}
+check_claim(reach >= 0.9, "the adapter moves the style >= 90% as far as the full fine-tune", f"{reach:.0%}")
+check_claim(
+    min(shares.values()) > max(real_share, 0.15),
+    "both fine-tunes make more of one class than real bold digits hold, and more than the 15% target",
+    f"largest class share: LoRA {shares['LoRA']:.1%}, full {shares['full']:.1%}, real bold digits {real_share:.1%}",
+)
+check_claim(
+    lora_kept["fid_ratio"] > 1.5 >= full_kept["fid_ratio"],
+    "the adapter's FID is over 1.5x the base model's, the full fine-tune's within it",
+    f"LoRA {lora_kept['fid_ratio']:.2f}x, full {full_kept['fid_ratio']:.2f}x",
+)
+confident = {name: kept["model"]["confident_fraction"] for name, kept in (("LoRA", lora_kept), ("full", full_kept))}
+check_claim(
+    confident["LoRA"] < confident["full"],
+    "fewer of the adapter's digits read with confidence than of the full fine-tune's",
+    f"LoRA {confident['LoRA']:.1%}, full {confident['full']:.1%}",
+)
 
 # %% [markdown]
 # ## 6. The same with peft
@@ -359,8 +383,9 @@ print("peft and course_lib agree on the shipped adapter:", bool(agree))
 #
 # - LoRA freezes a layer $W$ and learns $\frac{\alpha}{r} B A$ beside it; $B = 0$ at the start, so the model starts
 #   as it was. For a convolution, $A$ is a convolution to $r$ channels with the layer's kernel and $B$ a 1 x 1 back.
-# - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves most of
-#   the way a full fine-tune moves it (section 5, measured).
+# - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves as far as
+#   a full fine-tune moves it; with this rank and these settings, though, the adapter keeps less of the model's
+#   quality than the full fine-tune does (section 5, measured and checked).
 # - A fine-tune is judged by what it must keep as well as what it must change: the class histogram of its samples
 #   and its FID beside the base model's. A style measure alone missed that label-ordered data taught "zeros".
 # - The user scale dials the style continuously; adapters add up; merging folds $W + s\frac{\alpha}{r} B A$ into

@@ -386,10 +386,12 @@ for kind in SAMPLERS:
     swap.append(
         {"scheduler": scheduler_name, "seconds": seconds, "grid": samples[:8], **sample_scores(classifier, samples)}
     )
-print(f"{n} digits per scheduler, {table_steps} steps each; FID floor at n = {n}: {swap[0]['fid_floor']:.2f}")
-print(f"{'scheduler':28s} {'s':>6s} {'FID':>7s} {'confident':>9s}")
+floor_text = f"{swap[0]['fid_floor']:.2f} ± {swap[0]['fid_floor_sd']:.2f}"
+print(f"{n} digits per scheduler, {table_steps} steps each; FID floor at n = {n}: {floor_text}")
+print(f"{'scheduler':28s} {'s':>6s} {'FID ± sd':>13s} {'confident':>9s}")
 for run in swap:
-    print(f"{run['scheduler']:28s} {run['seconds']:6.1f} {run['fid']:7.2f} {run['confident_fraction']:9.2f}")
+    fid_text = f"{run['fid']:.2f} ± {run['fid_sd']:.2f}"
+    print(f"{run['scheduler']:28s} {run['seconds']:6.1f} {fid_text:>13s} {run['confident_fraction']:9.2f}")
 
 # %%
 fig, axes = plt.subplots(len(swap), 1, figsize=(5, 0.75 * len(swap)))

@@ -255,10 +255,11 @@ for calls in budgets:
         scores = sample_scores(classifier, samples)
         rows.append((sampler, used, scores["fid"]))
         print(
-            f"{sampler + f' ({trained_for})':12s} {used:3d} calls: FID {scores['fid']:6.2f}  confident "
+            f"{sampler + f' ({trained_for})':12s} {used:3d} calls: FID {scores['fid']:6.2f} ± {scores['fid_sd']:.2f}  "
+            "confident "
             f"{scores['confident_fraction']:.2f}  {seconds:5.1f} s"
         )
-print(f"(n = {n}; real-vs-real floor FID {scores['fid_floor']:.2f})")
+print(f"(n = {n}; real-vs-real floor FID {scores['fid_floor']:.2f} ± {scores['fid_floor_sd']:.2f})")
 
 # %% [markdown]
 # `python scripts/bench.py flow` measured the same on 500 samples per run, up to 50 calls, with the live points

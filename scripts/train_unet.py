@@ -24,6 +24,7 @@ processes), DDP keeps the weights equal, the main process alone writes the check
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,9 @@ from course_lib.recipes import CAPTION_DROPOUT, COMPARISON, LABEL_DROPOUT, RECIP
 from course_lib.schedules import make_schedule
 from course_lib.train import train
 from course_lib.weights import load_card, load_model, save_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,6 +164,46 @@ def steps_done(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
 
 
+def status(recipes: list[Recipe]) -> list[str]:
+    """Where each run stands, from its checkpoint (or its exported card): a markdown table, printed and returned."""
+    rows = []
+    for recipe in recipes:
+        checkpoint = ROOT / "data" / "training" / f"{recipe.name}.pt"
+        card_path = ROOT / "data" / f"{recipe.name}.json"
+        if checkpoint.exists():
+            payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            step, minutes, losses = payload["step"], payload["seconds"] / 60, payload["losses"][-100:]
+            loss = f"{losses.mean():.4f}" if len(losses) else "-"
+        elif card_path.exists():
+            training = load_card(recipe.name)["training"]
+            step, minutes, loss = training["steps_done"], training["wall_minutes"], "(exported)"
+        else:
+            step, minutes, loss = 0, 0.0, "-"
+        images = step * recipe.config.batch_size
+        rows.append(
+            f"| `{recipe.name}` | {recipe.about} | {step:,d} / {recipe.config.steps:,d} | {images:,d} | "
+            f"{minutes:.0f} | {loss} |"
+        )
+    header = [
+        "| run | objective | steps | images | wall min | loss (last 100 steps) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    print("\n".join(header + rows))
+    return header + rows
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (kill, a session or job ending) and SIGINT (Ctrl-C) raise KeyboardInterrupt, on which `train` saves
+    its checkpoint. A shell starts background jobs with SIGINT ignored, and Python then installs no handler for
+    it: without this, `kill -INT` or the end of a session would lose the work since the last periodic save."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -173,20 +217,42 @@ def main() -> None:
     parser.add_argument("--export", action="store_true", help="export the checkpoint's EMA weights to data/")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print where each run stands (and, for the comparison, write it into docs/benchmarks.md); trains nothing",
+    )
+    parser.add_argument(
         "--mixed-precision",
         choices=["no", "fp16", "bf16"],
         help="through accelerate (default: as accelerate launch says; without it, none)",
     )
     args = parser.parse_args()
+    recipes = [RECIPES[name] for name in COMPARISON] if args.recipe == "comparison" else [RECIPES[args.recipe]]
+    if args.status:
+        table = status(recipes)
+        if args.recipe == "comparison":
+            lines = [
+                "### Chapter 11's equal-budget comparison: training progress",
+                "",
+                f"`python scripts/train_unet.py --recipe comparison --status` on {describe_machine()}, "
+                f"{time.strftime('%Y-%m-%d')}. Each run: the course UNet from scratch, seed 0, 2,000 steps of 128 "
+                "images (256,000), AdamW 2e-3 with warm-up and cosine decay, EMA 0.999; trained with "
+                "`--recipe comparison --threads 1 --budget-minutes N`, one run after another, resumed across "
+                "sessions. Wall minutes were measured on a CPU shared with other jobs: compare them only roughly.",
+                "",
+                *table,
+            ]
+            replace_section(ROOT / "docs" / "benchmarks.md", "comparison-progress", lines)
+        return
     if args.budget_minutes < 0:
         parser.error(f"--budget-minutes must be >= 0 (0: train nothing, e.g. with --export); got {args.budget_minutes}")
     if args.budget_minutes == 0 and not args.export:
         parser.error("nothing to do: give --budget-minutes N to train, --export to export, or both")
-    recipes = [RECIPES[name] for name in COMPARISON] if args.recipe == "comparison" else [RECIPES[args.recipe]]
     if args.checkpoint is not None and len(recipes) > 1:
         parser.error("--checkpoint names one run's file; with --recipe comparison each run uses its default")
     if args.threads:
         torch.set_num_threads(args.threads)
+    stop_on_signals()
     accelerator = make_accelerator(args.mixed_precision)
     main_process = accelerator is None or accelerator.is_main_process
     deadline = time.perf_counter() + args.budget_minutes * 60
@@ -207,4 +273,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:  # train() has saved the checkpoint and said so
+        raise SystemExit(f"stopped ({stop}); the same command resumes from the checkpoint") from None

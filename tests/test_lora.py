@@ -169,3 +169,13 @@ def test_bad_inputs_raise_clear_errors():
     inject_lora(model, ["proj"], rank=2, alpha=4)
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         inject_lora(model, ["proj"], rank=2, alpha=4)
+
+
+def test_a_nan_alpha_or_scale_is_refused_by_value():
+    layer = LoRALayer(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="alpha=nan"):
+        layer.add_adapter("default", rank=2, alpha=float("nan"))
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject_lora(model, ["0"], rank=2, alpha=2.0)
+    with pytest.raises(ValueError, match="scale=nan"):
+        set_lora_scale(model, float("nan"))

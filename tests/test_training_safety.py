@@ -188,3 +188,69 @@ def test_a_sigint_during_training_saves(tmp_path):
     finally:
         timer.cancel()
     assert torch.load(checkpoint, weights_only=True)["step"] > 0
+
+
+LAUNCHER = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, {scripts!r})
+import train_unet
+import course_lib.train
+from course_lib.recipes import Recipe
+from course_lib.train import TrainConfig
+
+TINY = dict(channels=(8, 16), blocks=(1, 1), attention=(False, True), heads=2, groups=4)
+config = TrainConfig(steps=10**6, batch_size=4, lr=1e-3, warmup=1, ema_decay=0.9, checkpoint_every_s=1e9)
+train_unet.RECIPES["tiny"] = Recipe("tiny", TINY, config, schedule=dict(name="cosine", T=100))
+train_unet.load_digits = lambda split: (torch.zeros(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
+real = course_lib.train.warmup_cosine
+
+
+def marking(step, steps, warmup):  # called once a step: tells the test how far training has got
+    Path({marker!r}).write_text(str(step))
+    return real(step, steps, warmup)
+
+
+course_lib.train.warmup_cosine = marking
+sys.argv = ["train_unet.py", "--recipe", "tiny", "--threads", "1", "--budget-minutes", "60", "--checkpoint", {ckpt!r}]
+train_unet.stop_on_signals()
+try:
+    sys.exit(train_unet.main())
+except KeyboardInterrupt as stop:
+    raise SystemExit(f"stopped ({{stop}})") from None
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_the_training_script_saves_when_killed_in_the_background(tmp_path, signal_name):
+    """A shell starts background jobs with SIGINT ignored; the end of a session sends SIGTERM. Either way the
+    script saves its checkpoint before it exits."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    marker, checkpoint = tmp_path / "running", tmp_path / "tiny.pt"
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(LAUNCHER.format(scripts=str(root / "scripts"), marker=str(marker), ckpt=str(checkpoint)))
+    ignore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731  as `command &` does
+    process = subprocess.Popen(
+        [sys.executable, str(launcher)],
+        cwd=root,
+        preexec_fn=ignore_sigint,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:  # until step 3 has begun
+        if marker.exists() and marker.read_text() not in ("", "0", "1", "2"):
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()[1][-2000:]
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and f"stopped (signal {signal_name})" in stderr, stderr[-2000:]
+    assert torch.load(checkpoint, weights_only=True)["step"] >= 3
