@@ -163,7 +163,7 @@ def samplers(n: int = SAMPLER_SAMPLES) -> list[str]:
     runs = {(run["sampler"], run["steps"]): run for run in results["runs"]}
     rows = [
         f"| {run['sampler']} | {run['steps']} | {run['seconds']:.1f} | {1000 * run['seconds'] / run['n']:.1f} | "
-        f"{run['fid']:.2f} | {run['kid'] * 1000:.2f} | {run['confident_fraction']:.3f} |"
+        f"{run['fid']:.2f} ± {run['fid_sd']:.2f} | {run['kid'] * 1000:.2f} | {run['confident_fraction']:.3f} |"
         for run in results["runs"]
     ]
     ddpm, ddim50, ddim100 = runs["DDPM", 1000], runs["DDIM", 50], runs["DDIM", 100]
@@ -175,7 +175,7 @@ def samplers(n: int = SAMPLER_SAMPLES) -> list[str]:
         f"{floor['fid_floor']:.2f}, KID x 1000 {floor['kid_floor'] * 1000:.2f}. Also written to "
         "`data/benchmarks/samplers.json` (chapter 5 plots it).",
         "",
-        "| sampler | steps | wall s | ms / image | FID | KID x 1000 | confident (>= 0.9) |",
+        "| sampler | steps | wall s | ms / image | FID ± sd | KID x 1000 | confident (>= 0.9) |",
         "|---|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",
@@ -195,9 +195,10 @@ def shipped(n: int = 1000) -> list[str]:
     return [
         f"Model {model_status()}: {n} DDIM-50 samples ({seconds / 60:.1f} min) against {n} held-out digits.",
         "",
-        "| FID | floor | FID / floor | KID x 1000 | floor | confident (>= 0.9) |",
+        "| FID ± sd | floor ± sd | FID / floor | KID x 1000 | floor | confident (>= 0.9) |",
         "|---:|---:|---:|---:|---:|---:|",
-        f"| {scores['fid']:.2f} | {scores['fid_floor']:.2f} | **{scores['fid'] / scores['fid_floor']:.2f}** | "
+        f"| {scores['fid']:.2f} ± {scores['fid_sd']:.2f} | {scores['fid_floor']:.2f} ± {scores['fid_floor_sd']:.2f} | "
+        f"**{scores['fid'] / scores['fid_floor']:.2f}** | "
         f"{scores['kid'] * 1000:.2f} | {scores['kid_floor'] * 1000:.2f} | **{scores['confident_fraction']:.3f}** |",
         "",
         f"Targets: FID <= 3x the floor, confident fraction >= 0.9 ({n} held-out real digits: {real_confident:.3f}).",
@@ -250,7 +251,7 @@ def latent(n: int = SAMPLER_SAMPLES, steps: int = 50) -> list[str]:
         measured[name] = (call_ms, seconds, scores)
         rows.append(
             f"| {name} | {shape} | {parameter_count(model) / 1e6:.2f} M | {call_ms:.0f} | {1000 * seconds / n:.1f} | "
-            f"{scores['fid']:.2f} | {scores['confident_fraction']:.3f} |"
+            f"{scores['fid']:.2f} ± {scores['fid_sd']:.2f} | {scores['confident_fraction']:.3f} |"
         )
     (pixel_call, pixel_s, pixel), (latent_call, latent_s, latent_scores) = measured["pixel"], measured["latent"]
     return [
@@ -259,7 +260,7 @@ def latent(n: int = SAMPLER_SAMPLES, steps: int = 50) -> list[str]:
         f"pixels, [-{LATENT_CLIP}, {LATENT_CLIP}] for latents), the latent time including the decoder; FID against "
         f"{n} held-out digits, real-vs-real floor {pixel['fid_floor']:.2f}.",
         "",
-        "| model | diffuses | parameters | ms / call (batch 50) | ms / image | FID | confident (>= 0.9) |",
+        "| model | diffuses | parameters | ms / call (batch 50) | ms / image | FID ± sd | confident (>= 0.9) |",
         "|---|---|---:|---:|---:|---:|---:|",
         *rows,
         "",
@@ -294,16 +295,17 @@ def flow(n: int = SAMPLER_SAMPLES) -> list[str]:
             save_results("flow", results)
             print(f"{sampler}, {used} calls: FID {scores['fid']:.2f}, {seconds:.0f} s", flush=True)
     rows = [
-        f"| {run['sampler']} | {run['calls']} | {run['fid']:.2f} | {run['kid'] * 1000:.2f} | "
+        f"| {run['sampler']} | {run['calls']} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | {run['kid'] * 1000:.2f} | "
         f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
         for run in results["runs"]
     ]
     return [
         f"Models `{NAME}` (DDIM, trailing spacing, x0_hat clipped) and `unet_mnist_flow` ({status}; Euler and Heun "
         f"on the uniform grid); {n} samples per run from the same noise; FID and KID against {n} held-out digits "
-        f"(floor {results['runs'][0]['fid_floor']:.2f}). Also written to `data/benchmarks/flow.json`.",
+        f"(floor {results['runs'][0]['fid_floor']:.2f} ± {results['runs'][0]['fid_floor_sd']:.2f}). Also written to "
+        "`data/benchmarks/flow.json`.",
         "",
-        "| sampler | network calls | FID | KID x 1000 | confident (>= 0.9) | ms / image |",
+        "| sampler | network calls | FID ± sd | KID x 1000 | confident (>= 0.9) | ms / image |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
     ]

@@ -41,7 +41,8 @@ def guidance(n: int, steps: int = 20) -> list[str]:
         save_results("guidance", results)
         print(f"w = {scale}: accuracy {accuracy:.3f}, FID {scores['fid']:.2f}, {seconds:.0f} s", flush=True)
     rows = [
-        f"| {run['scale']:g} | {run['accuracy']:.3f} | {run['fid']:.2f} | {run['spread'] / real_spread:.2f} | "
+        f"| {run['scale']:g} | {run['accuracy']:.3f} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
+        f"{run['spread'] / real_spread:.2f} | "
         f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
         for run in results["runs"]
     ]
@@ -49,11 +50,12 @@ def guidance(n: int, steps: int = 20) -> list[str]:
     return [
         f"Model `{name}` ({card['training']['status']}); {n} DDIM-{steps} samples per guidance scale w ({n // 10} of "
         f"each digit, the same noise for every w), x0_hat clipped to [-1, 1] and the noise re-derived from it; FID "
-        f"against {n} held-out digits (floor {results['runs'][0]['fid_floor']:.2f}); spread: the within-class spread "
-        f"of the classifier's features over that of {n} held-out digits. Also written to "
+        f"against {n} held-out digits (floor {results['runs'][0]['fid_floor']:.2f} ± "
+        f"{results['runs'][0]['fid_floor_sd']:.2f}); spread: the within-class spread of the classifier's features "
+        f"(grouped by the digit it reads) over that of {n} held-out digits. Also written to "
         "`data/benchmarks/guidance.json` (chapter 7 plots it).",
         "",
-        "| w | conditional accuracy | FID | spread / real | confident (>= 0.9) | ms / image |",
+        "| w | conditional accuracy | FID ± sd | spread / real | confident (>= 0.9) | ms / image |",
         "|---:|---:|---:|---:|---:|---:|",
         *rows,
         "",

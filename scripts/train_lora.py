@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from course_lib.benchmark import load_results, save_results
+from course_lib.benchmark import load_results, results_path, save_results
 from course_lib.captions import measure_slant, measure_thickness
 from course_lib.data import data_dir, record_sha256
 from course_lib.lora import inject_lora, mark_only_lora_trainable, save_lora
@@ -113,18 +113,54 @@ from report import replace_section  # noqa: E402
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
+def row(name: str, reading: dict, extra: str) -> str:
+    """One model's line of the report: `extra` columns, then what it kept, each beside the real digits' reading."""
+    real = reading["reference"]
+    return (
+        f"| {name} | {extra} | {reading['largest_class_share']:.1%} ({real['largest_class_share']:.1%}) | "
+        f"{reading['confident_fraction']:.1%} ({real['confident_fraction']:.1%}) | {reading['fid']:.2f} ± "
+        f"{reading['fid_sd']:.2f} ({real['floor_fid']:.2f} ± {real['floor_fid_sd']:.2f}) |"
+    )
+
+
+HOW_JUDGED = (
+    "Each model is read against the real digits it should resemble: the base model against held-out digits, a "
+    "fine-tune against the same digits restyled; in brackets, the same reading of those real digits (what a perfect "
+    "model would score) and the real-vs-real FID floor, all FID spreads by bootstrap. Targets: largest class share "
+    "<= 15%, FID within 1.5x the base model's."
+)
+
+
+def report_adapter(style: str) -> None:
+    """An adapter trained without --compare, from its card, as docs/benchmarks.md's section lora:STYLE."""
+    card = load_card(f"lora_{style}")
+    measure, kept = card["style_measure"], card["kept"]
+    trainable = f"{card['trainable_parameters']:,d} ({card['trainable_share']:.1%})"
+    extra = f"{trainable} | {measure['lora']:.3f} | {kept['fid_ratio']:.2f}"
+    lines = [
+        f"### LoRA: {style}",
+        "",
+        f"Measured with `{card['training']['command']}` on {card['training']['machine']}: {card['training']['steps']} "
+        f"steps of batch {card['training']['batch_size']} on {card['training']['data']}, from `{card['base']}`, "
+        f"{card['training']['wall_minutes']} min; the measure ({measure['name']}) of {kept['n']} DDIM-{SAMPLE_STEPS} "
+        f"samples. Style data {measure['data']:.3f}.",
+        "",
+        f"| model | trainable parameters | {measure['name']} | FID / base | largest class (real) | confident (real) | "
+        "FID ± sd (floor) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        row(f"base `{card['base']}`", kept["base"], f"- | {measure['base']:.3f} | -"),
+        row("LoRA, rank 4", kept["model"], extra),
+        "",
+        HOW_JUDGED,
+    ]
+    replace_section(REPORT, f"lora:{style}", lines)
+    print(f"lora_{style}: written to {REPORT.name}")
+
+
 def report(style: str) -> None:
     """The comparison saved by --compare, as docs/benchmarks.md's section lora:STYLE."""
     results, card = load_results(f"lora_{style}"), load_card(f"lora_{style}")
     lora, full = results["lora"], results["full"]
-
-    def row(name: str, reading: dict, extra: str) -> str:
-        return (
-            f"| {name} | {extra} | {reading['largest_class_share']:.1%} "
-            f"({reading['reference']['largest_class_share']:.1%}) | {reading['confident_fraction']:.1%} "
-            f"({reading['reference']['confident_fraction']:.1%}) | {reading['fid']:.2f} ± {reading['fid_sd']:.2f} "
-            f"({reading['reference']['floor_fid']:.2f} ± {reading['reference']['floor_fid_sd']:.2f}) |"
-        )
 
     rows = [row(f"base `{card['base']}`", lora["kept"]["base"], f"- | - | {results['base']:.3f} | -")]
     for name, run in (("LoRA, rank 4", lora), ("full fine-tune", full)):
@@ -149,11 +185,7 @@ def report(style: str) -> None:
         *rows,
         "",
         f"Judged on {kept['n']} samples each from the same noise (`python scripts/train_lora.py --style {style} "
-        "--rejudge` recomputes this from the stored samples). Each model is read against the real digits it should "
-        f"resemble: the base model against {kept['n']} held-out digits, the fine-tunes against the same digits "
-        f"restyled ({style}); in brackets, the same reading of those real digits (what a perfect model would score) "
-        "and the real-vs-real FID floor, all FID spreads by bootstrap. Targets: largest class share <= 15%, FID "
-        "within 1.5x the base model's.",
+        f"--rejudge` recomputes this from the stored samples). {HOW_JUDGED}",
         f"- LoRA moves the measure **{results['lora_reach']:.0%}** as far as the full fine-tune (target >= 90%), in "
         f"{lora['seconds'] / full['seconds']:.0%} of its wall time; trainable share **{lora['share']:.1%}** (target "
         f"<= 3%), adapter file **{card['file_share']:.1%}** of the base model's (target <= 5%).",
@@ -172,7 +204,7 @@ def main() -> None:
     parser.add_argument("--rejudge", action="store_true", help="only recompute the kept numbers from stored samples")
     args = parser.parse_args()
     if args.report:
-        return report(args.style)
+        return report(args.style) if results_path(f"lora_{args.style}").exists() else report_adapter(args.style)
     if args.rejudge:
         return rejudge(args.style)
     if args.threads:
@@ -216,6 +248,8 @@ def main() -> None:
     record_sha256(card_path)
     print(f"{measure_name}: base {base_value:.3f}, style data {data_value:.3f}, LoRA {lora_run['measure']:.3f}")
     print(f"exported {Path(path).name}: {path.stat().st_size / 1e3:.0f} KB, {card['file_share']:.1%} of the base file")
+    if not args.compare and not args.steps:
+        report_adapter(args.style)
     if args.compare:
         full_model, full_run = fine_tune(args.style, lora=False, steps=args.steps)
         full_numbers, full_samples = judge(full_model, args.style, base_samples)
