@@ -239,8 +239,12 @@ fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
 axes[0].plot(scales, [run["accuracy"] for run in runs], "o-", label=f"benchmark (n = {sweep['n']})")
 axes[0].plot(list(live_scores), [a for a, _ in live_scores.values()], "x", ms=10, label=f"live (n = {n})")
 axes[0].set_ylabel("conditional accuracy")
-axes[1].plot(scales, [run["fid"] / run["fid_floor"] for run in runs], "o-")
+fid_ratio = torch.tensor([run["fid"] / run["fid_floor"] for run in runs])
+fid_band = torch.tensor([run["fid_sd"] / run["fid_floor"] for run in runs])  # the FID's bootstrap spread
+axes[1].plot(scales, fid_ratio, "o-")
+axes[1].fill_between(scales, fid_ratio - fid_band, fid_ratio + fid_band, alpha=0.25, label="± 1 sd (bootstrap)")
 axes[1].set_ylabel("FID / real-vs-real floor")
+axes[1].legend()
 axes[2].plot(scales, [run["spread"] / real_spread for run in runs], "o-")
 axes[2].plot(list(live_scores), [s for _, s in live_scores.values()], "x", ms=10)
 axes[2].set_ylabel("spread within classes / real")
@@ -252,8 +256,8 @@ plt.show()
 best = max(runs, key=lambda run: run["accuracy"])
 lowest_fid = min(runs, key=lambda run: run["fid"])
 print(
-    f"best accuracy {best['accuracy']:.3f} at w = {best['scale']:g}; lowest FID {lowest_fid['fid']:.2f} at "
-    f"w = {lowest_fid['scale']:g}"
+    f"best accuracy {best['accuracy']:.3f} at w = {best['scale']:g}; lowest FID {lowest_fid['fid']:.2f} "
+    f"± {lowest_fid['fid_sd']:.2f} at w = {lowest_fid['scale']:g}"
 )
 for scale, (accuracy, spread) in live_scores.items():
     print(f"live w = {scale:g}: accuracy {accuracy:.2f}, spread / real {spread:.2f}")
