@@ -67,6 +67,17 @@ def training_data(recipe: Recipe) -> tuple[torch.Tensor, Callable | None]:
     return images, condition
 
 
+LOSS_CURVE_POINTS = 100
+
+
+def loss_curve(losses: torch.Tensor) -> dict:
+    """The training loss as the card keeps it: the mean of each of up to LOSS_CURVE_POINTS equal runs of steps
+    (chapter 11 plots these; the checkpoint, which holds every step's loss, is removed after export)."""
+    every = max(1, -(-len(losses) // LOSS_CURVE_POINTS))
+    means = [round(chunk.mean().item(), 5) for chunk in losses.split(every)] if len(losses) else []
+    return {"steps_per_point": every, "mean_loss": means}
+
+
 def export(recipe: Recipe, checkpoint: Path) -> None:
     """Write the checkpoint's EMA weights to data/NAME.safetensors with a card; an unfinished run says so."""
     payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -85,6 +96,7 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
             "status": "finished" if step >= steps else f"interim: {step} of {steps} steps, continuing",
             "data": "data/mnist5k.parquet, split train (4,000 digits)",
             "wall_minutes": round(payload["seconds"] / 60, 1),
+            "loss_curve": loss_curve(payload["losses"]),
             "machine": describe_machine(),
             "command": f"python scripts/train_unet.py --recipe {recipe.name} --budget-minutes N (resumed until "
             "done), then --export",

@@ -254,3 +254,16 @@ def test_the_training_script_saves_when_killed_in_the_background(tmp_path, signa
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and f"stopped (signal {signal_name})" in stderr, stderr[-2000:]
     assert torch.load(checkpoint, weights_only=True)["step"] >= 3
+
+
+def test_the_exported_loss_curve_averages_equal_runs_of_steps():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_unet import loss_curve
+
+    curve = loss_curve(torch.arange(2000.0))
+    assert curve["steps_per_point"] == 20 and len(curve["mean_loss"]) == 100
+    assert curve["mean_loss"][:2] == [9.5, 29.5]  # the means of steps 0-19 and 20-39
+    assert loss_curve(torch.tensor([])) == {"steps_per_point": 1, "mean_loss": []}
