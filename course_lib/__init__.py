@@ -6,6 +6,7 @@ One concept per module, in the order the course teaches them:
     profiles    COURSE_PROFILE budgets (smoke / cpu / gpu), the device, seeded noise        all chapters
     checks      argument checks every module shares: names, shapes, integers, steps,       all chapters
                 finite values, what a model predicts
+    claims      a measured claim checked against its numbers; a gap only beyond spreads    all chapters
     data        the shipped MNIST digits (28 x 28, values in [-1, 1])                       chapter 2 on
     toy         Gaussian mixtures with exact densities and denoisers; moons, swiss roll    chapters 1, 3
     schedules   beta, alpha, alpha_bar, SNR tables; the timestep convention; `gather`      chapter 2
