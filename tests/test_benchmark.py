@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_models import TinyDenoiser
 
 from course_lib import benchmark
 from course_lib.benchmark import (
@@ -15,18 +16,6 @@ from course_lib.benchmark import (
     save_results,
     training_images_per_second,
 )
-
-
-class TinyDenoiser(torch.nn.Module):
-    """One 3x3 conv that ignores t: enough to run every sampler and to count FLOPs by hand."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
-
-    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.conv(xt)
 
 
 def test_diffusers_baseline_has_the_design_size():

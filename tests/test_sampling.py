@@ -4,6 +4,7 @@ shares (a model that predicts something else, NaN in the noise or in a model out
 import numpy as np
 import pytest
 import torch
+from tiny_models import TinyDenoiser
 
 from course_lib.ddpm import ddpm_sample
 from course_lib.samplers import ddim_sample
@@ -12,18 +13,6 @@ from course_lib.schedules import make_schedule
 from course_lib.solvers import dpm_solver_sample, euler_karras_sample
 
 SCHEDULE = make_schedule("cosine", 1000)
-
-
-class TinyDenoiser(torch.nn.Module):
-    """One 3x3 conv that ignores t: enough to run every sampler."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1, bias=False)
-
-    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.conv(xt)
 
 
 def test_each_sampler_is_the_course_sampler_with_clipping():
