@@ -285,6 +285,12 @@ plt.show()
 classifier = load_digit_classifier(device)
 live_confident = confident_fraction(classifier, snapshots[steps])
 print(f"live model after {steps} steps: {live_confident:.0%} of 16 samples read with confidence >= 0.9")
+check_claim(
+    live_confident < 0.5,
+    "a few hundred steps of the narrow network give strokes and blobs, not yet digits",
+    f"{live_confident:.0%} of the last snapshot read with confidence",
+    decisive=profile.name != "smoke",
+)
 
 # %% [markdown]
 # **The loss the shipped model was trained with.** The live loop above uses the plain simple loss, every $t$
