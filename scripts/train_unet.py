@@ -23,6 +23,7 @@ processes), DDP keeps the weights equal, the main process alone writes the check
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -169,11 +170,14 @@ def train_recipe(recipe: Recipe, budget_s: float, checkpoint: Path, accelerator)
         )
 
 
-def steps_done(checkpoint: Path) -> int:
-    """The step a run's checkpoint has reached (0 without one)."""
-    if not checkpoint.exists():
-        return 0
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+def steps_done(checkpoint: Path, card: Path | None = None) -> int:
+    """The step a run has reached: its checkpoint's, or, once exported and the checkpoint removed, its card's
+    (so `--recipe comparison` does not train a finished run again from scratch); 0 without either."""
+    if checkpoint.exists():
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=True)["step"])
+    if card is not None and card.exists():
+        return int(json.loads(card.read_text())["training"]["steps_done"])
+    return 0
 
 
 def status(recipes: list[Recipe]) -> list[str]:
@@ -272,7 +276,7 @@ def main() -> None:
         checkpoint = args.checkpoint or ROOT / "data" / "training" / f"{recipe.name}.pt"
         left = max(0.0, deadline - time.perf_counter())  # the first recipe always trains (at least one step)
         wanted = args.budget_minutes > 0 and (recipe is recipes[0] or left > 0)
-        if wanted and steps_done(checkpoint) < recipe.config.steps:
+        if wanted and steps_done(checkpoint, ROOT / "data" / f"{recipe.name}.json") < recipe.config.steps:
             train_recipe(recipe, left, checkpoint, accelerator)
         if args.export and main_process and checkpoint.exists():
             export(recipe, checkpoint)

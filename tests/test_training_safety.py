@@ -267,3 +267,21 @@ def test_the_exported_loss_curve_averages_equal_runs_of_steps():
     assert curve["steps_per_point"] == 20 and len(curve["mean_loss"]) == 100
     assert curve["mean_loss"][:2] == [9.5, 29.5]  # the means of steps 0-19 and 20-39
     assert loss_curve(torch.tensor([])) == {"steps_per_point": 1, "mean_loss": []}
+
+
+def test_a_finished_and_exported_run_is_not_trained_again(tmp_path):
+    """Found in session 7: `--recipe comparison` restarted cmp_eps from step 0 because its checkpoint had been
+    removed after export; the exported card now counts as the run's progress."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from train_unet import steps_done
+
+    checkpoint, card = tmp_path / "run.pt", tmp_path / "run.json"
+    assert steps_done(checkpoint, card) == 0
+    card.write_text(json.dumps({"training": {"steps_done": 2000}}))
+    assert steps_done(checkpoint, card) == 2000
+    torch.save({"step": 17}, checkpoint)  # a checkpoint, when there is one, is the newer record
+    assert steps_done(checkpoint, card) == 17
