@@ -11,7 +11,8 @@ One concept per module, in the order the course teaches them:
     toy         Gaussian mixtures with exact densities and denoisers; moons, swiss roll    chapters 1, 3
     schedules   beta, alpha, alpha_bar, SNR tables; the timestep convention; `gather`      chapter 2
     forward     q(x_t | x_{t-1}), q(x_t | x_0), the whole chain                            chapter 1
-    ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler            chapter 3
+    ddpm        posterior, eps / x0 / v, the simple loss, the ancestral sampler;           chapter 3
+                the conversion table of every output kind (split_output, prediction_targets)
     samplers    DDIM: the step with eta, timestep spacings, inversion, slerp               chapter 5
     solvers     DPM-Solver++(2M), Euler with Karras sigmas (euler_karras_*)                chapter 5
     sampling    the sampler family by name (SAMPLERS, run_sampler), batched and timed      chapters 5-10
@@ -34,6 +35,8 @@ One concept per module, in the order the course teaches them:
                 (euler_flow_*, heun_flow_sample)
     reflow      reflow's (noise, sample) pairs and the straightness of a path              chapter 10
     edm         EDM preconditioning: c_skip, c_out, c_in, c_noise; the EDM loss            chapter 11
+    frame       one frame: any model as D(x; sigma), Tweedie's score, the ODE samplers     chapter 11
+                (Euler, Heun, DPM-Solver++(2M)) once for all, annealed Langevin
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):

@@ -39,31 +39,64 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # --- conversions between the parameterisations ------------------------------------------------------------------
 
 
+OUTPUT_KINDS = (*PREDICTION_TYPES, "score", "velocity")  # what split_output reads (chapter 11's table)
+
+
 def split_output(
     x: torch.Tensor, model_output: torch.Tensor, prediction_type: str, signal, noise
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""(x0_hat, eps_hat) from a network output of any parameterisation, for a state $x = s\,x_0 + n\,\epsilon$ with
     signal scale s and noise scale n (tensors broadcasting against x, or numbers): the one place where outputs are
-    converted, for every sampler of the course.
+    converted, for every sampler of the course. `prediction_targets` is its inverse.
 
-        eps   $\hat x_0 = (x - n\,\hat\epsilon) / s$  (Ho et al. 2020, eq. 4 solved for x0)
-        x0    $\hat\epsilon = (x - s\,\hat x_0) / n$
-        v     $\hat x_0 = (s\,x - n r\,\hat v) / r^2$, $\hat\epsilon = (n\,x + s r\,\hat v) / r^2$, $r^2 = s^2 + n^2$:
-              Salimans & Ho 2022's $v = (s\,\epsilon - n\,x_0) / r$, defined on the variance-preserving state x / r
+        eps       $\hat x_0 = (x - n\,\hat\epsilon) / s$  (Ho et al. 2020, eq. 4 solved for x0)
+        x0        $\hat\epsilon = (x - s\,\hat x_0) / n$
+        v         $\hat x_0 = (s\,x - n r\,\hat v) / r^2$, $\hat\epsilon = (n\,x + s r\,\hat v) / r^2$,
+                  $r^2 = s^2 + n^2$: Salimans & Ho 2022's $v = (s\,\epsilon - n\,x_0) / r$, defined on the
+                  variance-preserving state x / r
+        score     $\nabla_x \log p(x) = -\hat\epsilon / n$ (Tweedie; chapter 11), so $\hat\epsilon = -n\,\hat s$
+        velocity  $u = \epsilon - x_0$, the straight path's velocity (chapter 10): $\hat x_0 = (x - n\,\hat u)/(s + n)$,
+                  $\hat\epsilon = (x + s\,\hat u) / (s + n)$
 
     The course's x_t has $s = \sqrt{\bar\alpha_t}$, $n = \sqrt{1 - \bar\alpha_t}$ (r = 1: `split_prediction`);
     the variance-exploding state of EDM, $x = x_t / \sqrt{\bar\alpha_t} = x_0 + \sigma\epsilon$, has s = 1, n = sigma
-    (`solvers.euler_karras_step`), where these are diffusers' `EulerDiscreteScheduler` conversions.
+    (`solvers.euler_karras_step`, `course_lib.frame`), where these are diffusers' `EulerDiscreteScheduler`
+    conversions; the flow path of chapter 10 has s = 1 - t, n = t (`flow.split_velocity`).
     """
-    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    check_choice("prediction_type", prediction_type, OUTPUT_KINDS)
     check_same_shape(x=x, model_output=model_output)
     if prediction_type == "eps":
         return (x - noise * model_output) / signal, model_output
     if prediction_type == "x0":
         return model_output, (x - signal * model_output) / noise
+    if prediction_type == "score":
+        eps_hat = -noise * model_output
+        return (x - noise * eps_hat) / signal, eps_hat
+    if prediction_type == "velocity":
+        return (x - noise * model_output) / (signal + noise), (x + signal * model_output) / (signal + noise)
     r_squared = signal**2 + noise**2  # 1 on the course's path, 1 + sigma^2 on the VE one
     r = r_squared**0.5
     return (signal * x - noise * r * model_output) / r_squared, (noise * x + signal * r * model_output) / r_squared
+
+
+def prediction_targets(x0: torch.Tensor, eps: torch.Tensor, signal, noise) -> dict[str, torch.Tensor]:
+    r"""What a network of each kind is trained to output for the state $x = s\,x_0 + n\,\epsilon$: the conversion
+    table of chapter 11 read forwards (`split_output` reads it backwards; the tests check the round trip).
+
+        eps $\epsilon$;  x0 $x_0$;  v $(s\,\epsilon - n\,x_0) / \sqrt{s^2 + n^2}$;  score $-\epsilon / n$;
+        velocity $\epsilon - x_0$
+
+    signal and noise are numbers or tensors broadcasting against x0. Returns a dict keyed by `OUTPUT_KINDS`.
+    """
+    check_same_shape(x0=x0, eps=eps)
+    r = (signal**2 + noise**2) ** 0.5
+    return {
+        "eps": eps,
+        "x0": x0,
+        "v": (signal * eps - noise * x0) / r,
+        "score": -eps / noise,
+        "velocity": eps - x0,
+    }
 
 
 def split_prediction(
@@ -89,7 +122,7 @@ def eps_from_x0(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, x0:
 def v_from_x0_eps(schedule: Schedule, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
     r"""$v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1 - \bar\alpha_t}\,x_0$ (Salimans & Ho 2022, section 4)."""
     alpha_bar_t = gather(schedule.alpha_bar, t, x0)
-    return alpha_bar_t.sqrt() * eps - (1 - alpha_bar_t).sqrt() * x0
+    return prediction_targets(x0, eps, alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt())["v"]
 
 
 def x0_from_v(schedule: Schedule, xt: torch.Tensor, t: torch.Tensor | int, v: torch.Tensor) -> torch.Tensor:

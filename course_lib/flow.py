@@ -46,6 +46,7 @@ from course_lib.checks import (
     check_steps,
     should_record,
 )
+from course_lib.ddpm import split_output
 from course_lib.profiles import randn_like
 
 TIME_SCALE = 1000  # the network's time input is t * TIME_SCALE, as diffusers' timesteps = sigmas * 1000
@@ -99,7 +100,7 @@ def split_velocity(xt: torch.Tensor, t: torch.Tensor | float, v: torch.Tensor) -
     $v = \epsilon - x_0$). A flow model is thus also a denoiser: x0_hat is its estimate of the clean data."""
     check_same_shape(xt=xt, v=v)
     t = per_example(t, xt)
-    return xt - t * v, xt + (1 - t) * v
+    return split_output(xt, v, "velocity", 1 - t, t)  # signal 1 - t and noise t sum to 1
 
 
 def sample_times(

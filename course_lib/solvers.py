@@ -218,16 +218,25 @@ def karras_sigmas(schedule: Schedule, steps: int, rho: float = 7.0, sigma_max: f
     (std 0.6 against 80) is negligible.
     """
     steps = check_steps(steps, schedule.T)
+    log_sigmas = -schedule.log_snr.double() / 2  # (T,) log sigma_t = -lambda_t
+    sigma_min, sigma_top = log_sigmas[0].exp().item(), log_sigmas[-1].exp().item()
+    if sigma_max is not None and not sigma_min < sigma_max:
+        raise ValueError(f"sigma_max must exceed the schedule's sigma_min {sigma_min:.3g}; got {sigma_max}")
+    return karras_levels(steps, sigma_min, sigma_top if sigma_max is None else float(sigma_max), rho)
+
+
+def karras_levels(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """EDM's eq. 5 between any two noise levels, then 0: float64, (steps + 1,), decreasing; `karras_sigmas` takes
+    its ends from a schedule, chapter 11's samplers (`course_lib.frame`) from each model's range. One level
+    (steps = 1) is sigma_max."""
+    steps = check_steps(steps)
     if rho <= 0:
         raise ValueError(f"rho must be > 0; got rho={rho}")
-    log_sigmas = -schedule.log_snr.double() / 2  # (T,) log sigma_t = -lambda_t
-    sigma_min, sigma_top = log_sigmas[0].exp(), log_sigmas[-1].exp()
-    if sigma_max is not None and not sigma_min < sigma_max:
-        raise ValueError(f"sigma_max must exceed the schedule's sigma_min {sigma_min.item():.3g}; got {sigma_max}")
-    sigma_max = sigma_top if sigma_max is None else torch.tensor(float(sigma_max), dtype=torch.float64)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)  # i / (N - 1)
-    sigmas = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    top, bottom = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return torch.cat([(top + ramp * (bottom - top)) ** rho, torch.zeros(1, dtype=torch.float64)])
 
 
 def linspace_sigmas(schedule: Schedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
