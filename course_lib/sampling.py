@@ -23,6 +23,8 @@ from course_lib.data import IMAGE_SIZE
 from course_lib.ddpm import Denoiser, ddpm_sample
 from course_lib.flow import SOLVERS as FLOW_SOLVERS
 from course_lib.flow import euler_flow_sample, heun_flow_sample
+from course_lib.frame import Denoiser as VEDenoiser
+from course_lib.frame import levels, ode_sample, solver_steps
 from course_lib.profiles import synchronize
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import Schedule
@@ -136,6 +138,27 @@ def draw_flow_samples(
     check_model_predicts(model, "velocity")
     solve = heun_flow_sample if solver == "heun" else euler_flow_sample
     return _draw_in_batches(lambda x_T, _: solve(model, x_T, steps)[0], n, seed, batch_size, device, IMAGE_SHAPE)
+
+
+@torch.no_grad()
+def draw_ode_samples(
+    denoise_fn: VEDenoiser,
+    solver: str,
+    calls: int,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    sigma_max: float = 80.0,
+) -> tuple[torch.Tensor, float]:
+    """n digits from any model seen as D(x; sigma) (`frame.denoiser`), with one of chapter 11's ODE solvers in at
+    most `calls` network calls (`frame.solver_steps`) on EDM's levels from sigma_max (`frame.levels`), and the wall
+    time: the same noise and batches as `draw_samples` with the same seed, so models trained with different
+    objectives are compared sample for sample at equal cost."""
+    sigmas = levels(denoise_fn, solver_steps(solver, calls), sigma_max)
+    return _draw_in_batches(
+        lambda x_T, _: ode_sample(denoise_fn, x_T, sigmas, solver), n, seed, batch_size, device, IMAGE_SHAPE
+    )
 
 
 def _draw_in_batches(

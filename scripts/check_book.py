@@ -9,8 +9,9 @@ as the theme's folder holds a `template.yml`. So this script
 2. runs `jupyter-book build --site --strict`: myst.yml makes an unresolved reference an error, and maths that KaTeX
    cannot typeset or a missing image is one already; any error fails the check;
 3. reads what was built: every link to a local file must have reached a page or a copied file (MyST leaves a link
-   to a missing file as it is, silently), and the pages must be the README then notebooks/NN_*.ipynb in order,
-   which also proves that myst.yml's `extends: book.yml` brought the table of contents in;
+   to a missing file as it is, silently), and the pages must be book.yml's table of contents in order (the README
+   first, every notebooks/NN_*.ipynb among them in order), which also proves that myst.yml's `extends: book.yml`
+   brought the table of contents in;
 4. removes the stand-in again, so that `make book` still downloads the real theme.
 
 The stand-in is generated rather than committed: it must sit inside `_build/` (ignored, removed by `make clean`),
@@ -23,6 +24,7 @@ A stand-in left behind by a killed run carries MARKER; `make book` removes such 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,10 +85,19 @@ def check_built_site() -> list[str]:
         for url in unresolved_links(page["mdast"]):
             problems.append(f"{page['location'].lstrip('/')}: the link to {url!r} reaches no page and no file")
     locations = [page["location"].lstrip("/") for page in pages]
-    expected = ["README.md"] + [f"notebooks/{p.name}" for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
-    if locations != expected:
-        problems.append(f"the site's pages are {locations}, expected the README then every notebook: {expected}")
+    expected = toc_files()
+    notebooks = [f"notebooks/{p.name}" for p in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))]
+    if locations != expected or expected[0] != "README.md" or [f for f in expected if f in notebooks] != notebooks:
+        problems.append(
+            f"the site's pages are {locations}, expected book.yml's table of contents, {expected}, "
+            f"with the README first and every notebook in order: {notebooks}"
+        )
     return problems
+
+
+def toc_files() -> list[str]:
+    """The files of book.yml's table of contents in order (its `- file: PATH` lines; PyYAML is not needed)."""
+    return re.findall(r"^\s*-\s*file:\s*(\S+)\s*$", (ROOT / "book.yml").read_text(), re.MULTILINE)
 
 
 def main() -> int:

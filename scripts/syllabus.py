@@ -1,7 +1,7 @@
-"""Render the instructors' pages from their sources, so that nothing on them that is measured is typed by hand.
+"""Render the syllabus page from its sources, so that nothing on it that is measured is typed by hand.
 
-    python scripts/syllabus.py            rewrite docs/syllabus.md and the retraining table of docs/instructors.md
-    python scripts/syllabus.py --check    exit 1 if either is not what this script renders now (make lint)
+    python scripts/syllabus.py            rewrite docs/syllabus.md
+    python scripts/syllabus.py --check    exit 1 if it is not what this script renders now (make lint)
 
 docs/syllabus.md, the book's syllabus page, comes from two sources:
 - docs/syllabus.yml: each chapter's title, prerequisites, learning objectives, the minutes a student spends reading
@@ -11,18 +11,12 @@ docs/syllabus.md, the book's syllabus page, comes from two sources:
   between the markers `<!-- notebooks:PROFILE:begin -->` and `<!-- notebooks:PROFILE:end -->` that
   scripts/run_notebooks.py --report writes. A notebook (or a profile) without a row there is "not measured yet".
 
-The table of shipped models in docs/instructors.md (between `<!-- models:begin -->` and `<!-- models:end -->`) comes
-from the model cards, data/*.json: the command that trains each model, and the wall time and machine its card
-recorded (`training.wall_minutes`, `training.machine`); the chapters that use a model are those whose notebook
-names it.
-
 The syllabus is checked before anything is written: every chapter of book.yml has an entry and every entry a
 chapter, prerequisites point to earlier chapters, each path's day or week exists. After `make notebooks` (new run
-times) or a retrained model (a new card), run this script and commit the pages.
+times), run this script and commit the page.
 """
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -33,7 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path("docs/syllabus.yml")
 PAGE = Path("docs/syllabus.md")
 BENCHMARKS = Path("docs/benchmarks.md")
-INSTRUCTORS = Path("docs/instructors.md")
 PROFILES = ("cpu", "gpu")  # the run times the page shows
 NOT_MEASURED = "not measured yet"
 FIELDS = {
@@ -45,10 +38,6 @@ FIELDS = {
     "exercise_minutes": int,
     "practitioner": bool,
 }
-# Trained first: the classifier judges every other model; the fine-tunes and LoRA start from unet_mnist_eps; the
-# latent model needs the VAE. The other cards follow in alphabetical order.
-TRAIN_FIRST = ("digit_classifier", "unet_mnist_eps", "vae_mnist")
-BUDGET_MINUTES = 600  # a ceiling for train_unet.py: training ends at the recipe's last step, usually long before
 COMMAND = "python scripts/syllabus.py"
 
 
@@ -86,22 +75,25 @@ def problems(syllabus: dict, chapters: list[str]) -> list[str]:
     paths = syllabus.get("paths", [])
     for entry in entries:
         name = entry.get("notebook", "?")
-        for field, kind in {**FIELDS, **{path["key"]: int for path in paths if "units" in path}}.items():
-            if not isinstance(entry.get(field), kind):
-                found.append(f"{name}: `{field}` must be a {kind.__name__}, got {entry.get(field)!r}")
-        if found:
+        fields = {**FIELDS, **{path["key"]: int for path in paths if "units" in path}}
+        wrong = [field for field, kind in fields.items() if not isinstance(entry.get(field), kind)]
+        for field in wrong:
+            found.append(f"{name}: `{field}` must be of type {fields[field].__name__}, got {entry.get(field)!r}")
+        if wrong:
             continue
         if not 3 <= len(entry["objectives"]) <= 5:
             found.append(f"{name}: {len(entry['objectives'])} learning objectives, expected 3 to 5")
         if min(entry["reading_minutes"], entry["exercise_minutes"]) <= 0:
             found.append(f"{name}: minutes must be positive")
-        earlier = {number(other): other for other in entries if number(other) < number(entry)}
+        numbered = [other for other in entries if re.match(r"\d\d_", str(other.get("notebook")))]
+        earlier = {number(other): other for other in numbered if number(other) < number(entry)}
         for chapter in entry["prerequisites"]:
             if chapter not in earlier:
                 found.append(f"{name}: prerequisite {chapter!r} is not an earlier chapter (earlier: {sorted(earlier)})")
                 continue
             for path in paths:
-                if "units" in path and earlier[chapter][path["key"]] > entry[path["key"]]:
+                taught = earlier[chapter].get(path["key"])
+                if "units" in path and isinstance(taught, int) and taught > entry[path["key"]]:
                     found.append(f"{name}: {path['title']} teaches its prerequisite, chapter {chapter}, after it")
         for path in paths:
             if "units" in path and not 1 <= entry[path["key"]] <= path["units"]:

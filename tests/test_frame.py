@@ -224,3 +224,13 @@ def test_annealed_langevin_with_the_exact_score_recovers_the_mixture():
     assert abs(x[x > 0].std().item() - math.sqrt(0.3**2 + 0.05**2)) < 0.03
     _, right_unannealed = run(torch.tensor([0.05]), 500)
     assert abs(right_unannealed - 0.5) < 0.05, right_unannealed
+
+
+def test_draw_ode_samples_batches_and_counts_calls():
+    from course_lib.sampling import draw_ode_samples
+
+    d = Denoiser(lambda x, sigma: torch.full_like(x, 0.5), 0.01, 80.0)
+    samples, seconds = draw_ode_samples(d, "heun", 10, n=7, batch_size=4)
+    assert samples.shape == (7, 1, 28, 28) and seconds >= 0
+    torch.testing.assert_close(samples, torch.full_like(samples, 0.5))  # every path ends at D's answer
+    assert d.calls == 2 * 9  # two batches, Heun with 5 levels: 9 calls each
