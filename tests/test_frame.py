@@ -22,11 +22,11 @@ from course_lib.schedules import make_schedule
 from course_lib.solvers import dpm_solver_sample, dpm_solver_timesteps, karras_levels, karras_sigmas, sigma_of_timestep
 from course_lib.toy import GaussianMixture, ring_2d
 
-torch.set_default_dtype(torch.float64)  # exact references: compare in float64
 
-
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def float64_defaults():
+    """Exact references: these tests compute in float64 (set per test, so other test files are untouched)."""
+    torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
 
