@@ -1,17 +1,28 @@
-"""What the course gives instructors: the site published by a workflow that checks it first, and a syllabus whose
-run times are the measured ones."""
+"""What the course gives instructors: the site published by a workflow that checks it first, a syllabus whose run
+times are the measured ones, and Binder / JupyterHub images that install what the course declares."""
 
 import copy
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nbformat
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli, which pytest itself needs there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+import retarget  # noqa: E402
 import syllabus  # noqa: E402
+import sync_notebooks  # noqa: E402
 
 
 def workflow(name: str) -> dict:
@@ -148,3 +159,79 @@ def test_each_path_adds_up_its_chapters_minutes():
     assert f"### A ten-week term: {every / 60:.1f} h" in page
     assert f"### The practitioner's path: {practitioner / 60:.1f} h" in page
     assert 0 < practitioner < every
+
+
+# Binder / JupyterHub: binder/ (repo2docker) installs what pyproject.toml and environment.yml do, with CPU torch.
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def requirement_lines(path: Path) -> list[str]:
+    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if line]
+
+
+def test_binder_installs_the_course_with_its_lab_extra_and_the_cpu_build_of_torch():
+    assert (ROOT / "binder" / "runtime.txt").read_text().strip() == "python-3.11"
+    assert SpecifierSet(pyproject()["requires-python"]).contains("3.11")
+    lines = requirement_lines(ROOT / "binder" / "requirements.txt")
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines
+    # The course itself, editable (course_lib finds data/ beside it), with the `lab` extra: through the package's own
+    # metadata binder installs exactly pyproject.toml's dependencies and that extra, nothing typed twice.
+    assert "-e .[lab]" in lines
+    assert "lab" in pyproject()["optional-dependencies"]
+    # What binder names besides (torch, torchvision, for the CPU index) carries pyproject.toml's range, so pip has
+    # nothing to reconcile.
+    declared = {Requirement(line).name: Requirement(line).specifier for line in pyproject()["dependencies"]}
+    pinned = [Requirement(line) for line in lines if not line.startswith("-")]
+    assert {requirement.name for requirement in pinned} == {"torch", "torchvision"}
+    for requirement in pinned:
+        assert requirement.specifier == declared[requirement.name], (requirement, declared[requirement.name])
+
+
+def test_environment_yml_installs_the_same_extra_and_the_same_torch_ranges():
+    environment = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    pip = next(entry["pip"] for entry in environment if isinstance(entry, dict))
+    assert pip == ["-e .[lab]"]
+    assert "python=3.11" in environment  # binder/runtime.txt's python-3.11
+    declared = {Requirement(line).name: Requirement(line).specifier for line in pyproject()["dependencies"]}
+    conda = dict(re.fullmatch(r"([\w-]+)(.*)", entry).groups() for entry in environment if isinstance(entry, str))
+    assert SpecifierSet(conda["pytorch"]) == declared["torch"]  # conda-forge names torch `pytorch`
+    assert SpecifierSet(conda["torchvision"]) == declared["torchvision"]
+
+
+def test_retarget_rewrites_binder_addresses_too():
+    text = "[Launch on Binder](https://mybinder.org/v2/gh/old/course/main?labpath=notebooks%2F01_a.ipynb)"
+    assert retarget.rewrite(text, "old/course", "alice/fork") == (text.replace("old/course", "alice/fork"), 1)
+
+
+def test_every_binder_link_uses_the_one_repository_address():
+    slug = yaml.safe_load((ROOT / "myst.yml").read_text())["project"]["github"].removeprefix("https://github.com/")
+    files = [*(ROOT / "notebooks").glob("[0-9][0-9]_*.*"), ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    for path in files:
+        for found in re.findall(r"mybinder\.org/v2/gh/([\w.-]+/[\w.-]+)", path.read_text()):
+            assert found == slug, f"{path.relative_to(ROOT)} launches {found} on Binder, not {slug}"
+
+
+def test_binder_links_go_under_each_colab_link_and_keep_the_pair_in_sync(tmp_path):
+    source = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))[0]
+    py, ipynb = tmp_path / source.name, tmp_path / source.with_suffix(".ipynb").name
+    shutil.copy(source, py)
+    shutil.copy(source.with_suffix(".ipynb"), ipynb)
+    before = nbformat.read(ipynb, as_version=4)
+    assert retarget.add_binder_links(py, "alice/fork") and retarget.add_binder_links(ipynb, "alice/fork")
+    url = f"https://mybinder.org/v2/gh/alice/fork/main?labpath=notebooks%2F{ipynb.name}"
+    lines = py.read_text().splitlines()
+    colab = next(i for i, line in enumerate(lines) if line.startswith("# [Open in Colab]("))
+    assert lines[colab + 1] == f"# [Launch on Binder]({url})"
+    assert py.read_text().count("[Launch on Binder]") == 1
+    after = nbformat.read(ipynb, as_version=4)
+    assert "[Open in Colab]" in after.cells[1].source and f"\n[Launch on Binder]({url})\n" in after.cells[1].source
+    changed = [i for i, (a, b) in enumerate(zip(before.cells, after.cells, strict=True)) if a != b]
+    assert changed == [1]  # the title cell only; every output kept
+    assert sync_notebooks.first_difference(py, ipynb) is None  # the .py and the .ipynb still agree
+    snapshot = py.read_bytes(), ipynb.read_bytes()
+    assert not retarget.add_binder_links(py, "alice/fork") and not retarget.add_binder_links(ipynb, "alice/fork")
+    assert (py.read_bytes(), ipynb.read_bytes()) == snapshot  # a second run changes nothing
