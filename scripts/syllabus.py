@@ -1,7 +1,7 @@
-"""Render the syllabus page from its sources, so that nothing on it that is measured is typed by hand.
+"""Render the instructors' pages from their sources, so that nothing on them that is measured is typed by hand.
 
-    python scripts/syllabus.py            rewrite docs/syllabus.md
-    python scripts/syllabus.py --check    exit 1 if it is not what this script renders now (make lint)
+    python scripts/syllabus.py            rewrite docs/syllabus.md and the generated tables of docs/instructors.md
+    python scripts/syllabus.py --check    exit 1 if either is not what this script renders now (make lint)
 
 docs/syllabus.md, the book's syllabus page, comes from two sources:
 - docs/syllabus.yml: each chapter's title, prerequisites, learning objectives, the minutes a student spends reading
@@ -11,12 +11,22 @@ docs/syllabus.md, the book's syllabus page, comes from two sources:
   between the markers `<!-- notebooks:PROFILE:begin -->` and `<!-- notebooks:PROFILE:end -->` that
   scripts/run_notebooks.py --report writes. A notebook (or a profile) without a row there is "not measured yet".
 
+docs/instructors.md is written by hand except for three tables, each between `<!-- KEY:begin -->` and
+`<!-- KEY:end -->`:
+- `models`: every model card in data/*.json that records its training: the command that trains the model, the wall
+  time and machine the card recorded (`training.wall_minutes`, `training.machine`), and the chapters of book.yml
+  whose notebook names the model (`load_digit_classifier` names digit_classifier);
+- `benchmarks`: every figure of docs/benchmarks.md written by scripts/bench.py, with the date and the command its
+  section records;
+- `profiles`: the budgets of the `cpu` and `gpu` run profiles, from course_lib.profiles (values and comments).
+
 The syllabus is checked before anything is written: every chapter of book.yml has an entry and every entry a
 chapter, prerequisites point to earlier chapters, each path's day or week exists. After `make notebooks` (new run
-times), run this script and commit the page.
+times), a retrained model (a new card) or a new benchmark, run this script and commit the pages.
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -27,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path("docs/syllabus.yml")
 PAGE = Path("docs/syllabus.md")
 BENCHMARKS = Path("docs/benchmarks.md")
+INSTRUCTORS = Path("docs/instructors.md")
 PROFILES = ("cpu", "gpu")  # the run times the page shows
 NOT_MEASURED = "not measured yet"
 FIELDS = {
@@ -38,6 +49,10 @@ FIELDS = {
     "exercise_minutes": int,
     "practitioner": bool,
 }
+# Trained first: the classifier judges every other model; the fine-tunes and LoRA start from unet_mnist_eps; the
+# latent model needs the VAE. The other cards follow in alphabetical order.
+TRAIN_FIRST = ("digit_classifier", "unet_mnist_eps", "vae_mnist")
+BUDGET_MINUTES = 600  # a ceiling for train_unet.py: training ends at the recipe's last step, usually long before
 COMMAND = "python scripts/syllabus.py"
 
 
@@ -234,13 +249,82 @@ def render_syllabus(syllabus: dict, benchmarks: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_models(root: Path) -> list[str]:
+    """The retraining table of docs/instructors.md, from every model card in data/ that records its training."""
+    cards = {path.stem: json.loads(path.read_text()) for path in sorted((root / "data").glob("*.json"))}
+    cards = {name: card for name, card in cards.items() if "wall_minutes" in card.get("training", {})}
+    names = [name for name in TRAIN_FIRST if name in cards] + sorted(set(cards) - set(TRAIN_FIRST))
+    sources = {name[:2]: (root / "notebooks" / f"{name}.py").read_text() for name in book_chapters(root)}
+    lines = ["| model | chapters | command | wall time | machine (from the card) |", "|---|---|---|---:|---|"]
+    for name in names:
+        training = cards[name]["training"]
+        command = training["command"]
+        recipe = re.match(r"python scripts/train_unet\.py --recipe (\w+)", command)
+        if recipe:  # the card records "--budget-minutes N (resumed until done), then --export": one command
+            command = (
+                f"rm -f data/{name}.json && python scripts/train_unet.py --recipe {recipe.group(1)} "
+                f"--budget-minutes {BUDGET_MINUTES} --export"
+            )
+        chapters = [str(int(n)) for n, text in sources.items() if re.search(rf"{name}(?!\w)", text)]
+        threads = training.get("threads")
+        threads = f", {threads} thread{'s' * (threads != 1)}" if threads else ""
+        lines.append(
+            f"| `{name}` | {', '.join(chapters) or 'none yet'} | `{command}` | {training['wall_minutes']} min "
+            f"| {training['machine']}{threads} |"
+        )
+    return lines
+
+
+def render_benchmarks(benchmarks: str) -> list[str]:
+    """The figures scripts/bench.py wrote into docs/benchmarks.md: name, date and the command each section records."""
+    lines = ["| figure | measured | command |", "|---|---|---|"]
+    for name, section in re.findall(r"<!-- bench:(\w+):begin -->(.*?)<!-- bench:\1:end -->", benchmarks, re.S):
+        found = re.search(r"^Measured (\S+) with `([^`]+)`", section, re.MULTILINE)
+        if found:
+            lines.append(f"| `{name}` | {found.group(1)} | `{found.group(2)}` |")
+    return lines
+
+
+def budget(value: int | tuple[int, ...]) -> str:
+    return ", ".join(map(str, value)) if isinstance(value, tuple) else f"{value:,}"
+
+
+def render_profiles(root: Path) -> list[str]:
+    """The budgets of the cpu and gpu profiles, with what each one counts (the comments of course_lib/profiles.py)."""
+    from course_lib.profiles import PROFILES  # here, not on top: torch takes seconds to import (--help)
+
+    source = (root / "course_lib" / "profiles.py").read_text()
+    about = dict(re.findall(r"^    (\w+): [^#\n]+#\s*(.+)$", source, re.MULTILINE))
+    lines = ["| budget | what it counts | cpu | gpu |", "|---|---|---:|---:|"]
+    for field, meaning in about.items():
+        cpu, gpu = (getattr(PROFILES[name], field) for name in ("cpu", "gpu"))
+        lines.append(f"| `{field}` | {meaning} | {budget(cpu)} | {budget(gpu)} |")
+    return lines
+
+
+def with_section(text: str, key: str, lines: list[str]) -> str:
+    """`text` with the lines between `<!-- KEY:begin -->` and `<!-- KEY:end -->` replaced by `lines`."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"{INSTRUCTORS} has no {begin} ... {end} section to write the table into")
+    return text[: text.index(begin)] + "\n".join([begin, *lines, end]) + text[text.index(end) + len(end) :]
+
+
 def rendered(root: Path) -> dict[Path, str]:
     """{path: the text this script writes there}, after checking the syllabus against book.yml."""
     syllabus = yaml.safe_load((root / SOURCE).read_text())
     found = problems(syllabus, book_chapters(root))
     if found:
         raise SystemExit("\n".join(found))
-    return {PAGE: render_syllabus(syllabus, (root / BENCHMARKS).read_text())}
+    benchmarks = (root / BENCHMARKS).read_text()
+    instructors = (root / INSTRUCTORS).read_text()
+    for key, lines in [
+        ("models", render_models(root)),
+        ("benchmarks", render_benchmarks(benchmarks)),
+        ("profiles", render_profiles(root)),
+    ]:
+        instructors = with_section(instructors, key, lines)
+    return {PAGE: render_syllabus(syllabus, benchmarks), INSTRUCTORS: instructors}
 
 
 def main() -> int:
@@ -252,6 +336,8 @@ def main() -> int:
     if args.check:
         for path in stale:
             print(f"{path} is stale (its sources changed): run `{COMMAND}` and commit the result")
+        if not stale:
+            print(f"{', '.join(map(str, pages))}: up to date")
         return 1 if stale else 0
     for path in stale:
         (ROOT / path).write_text(pages[path])

@@ -1,11 +1,14 @@
 """What the course gives instructors: the site published by a workflow that checks it first, a syllabus whose run
-times are the measured ones, and Binder / JupyterHub images that install what the course declares."""
+times are the measured ones, Binder / JupyterHub images that install what the course declares, and an instructors'
+page whose commands, training times and budgets come from the scripts, the model cards and the profiles."""
 
 import copy
+import json
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -74,10 +77,11 @@ def test_every_chapter_of_the_book_has_a_syllabus_entry_and_every_entry_a_chapte
 def test_the_syllabus_is_complete_and_prerequisites_come_first():
     entries = load_syllabus()["chapters"]
     assert syllabus.problems(load_syllabus(), syllabus.book_chapters(ROOT)) == []
+    by_number = {syllabus.number(entry): entry for entry in entries}
     for entry in entries:
         assert all(chapter < syllabus.number(entry) for chapter in entry["prerequisites"]), entry["notebook"]
-        assert all(entry[key] >= other[key] for other in entries if syllabus.number(other) in entry["prerequisites"]
-                   for key in ("day", "week")), entry["notebook"]  # fmt: skip
+        for key in ("day", "week"):  # no path teaches a chapter before what it builds on
+            assert all(by_number[chapter][key] <= entry[key] for chapter in entry["prerequisites"]), entry["notebook"]
 
 
 def test_the_syllabus_check_reports_what_is_wrong():
@@ -102,12 +106,12 @@ def test_the_syllabus_check_reports_what_is_wrong():
     assert any("07_guidance: `reading_minutes` must be of type int, got None" in p for p in found), found
 
 
-def test_the_syllabus_page_is_what_the_script_renders_now():
-    expected = syllabus.rendered(ROOT)[Path("docs/syllabus.md")]
-    assert (ROOT / "docs" / "syllabus.md").read_text() == expected, (
-        "docs/syllabus.md is stale: its sources (docs/syllabus.yml, docs/benchmarks.md) changed. "
-        "Run `python scripts/syllabus.py` and commit the result"
-    )
+def test_the_syllabus_page_and_the_instructors_tables_are_what_the_script_renders_now():
+    for path, expected in syllabus.rendered(ROOT).items():
+        assert (ROOT / path).read_text() == expected, (
+            f"{path} is stale: its sources (docs/syllabus.yml, docs/benchmarks.md, data/*.json, "
+            "course_lib/profiles.py) changed. Run `python scripts/syllabus.py` and commit the result"
+        )
     result = subprocess.run(
         [sys.executable, "scripts/syllabus.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
     )
@@ -235,3 +239,90 @@ def test_binder_links_go_under_each_colab_link_and_keep_the_pair_in_sync(tmp_pat
     snapshot = py.read_bytes(), ipynb.read_bytes()
     assert not retarget.add_binder_links(py, "alice/fork") and not retarget.add_binder_links(ipynb, "alice/fork")
     assert (py.read_bytes(), ipynb.read_bytes()) == snapshot  # a second run changes nothing
+
+
+# docs/instructors.md: its generated tables hold what the cards, benchmarks.md and the profiles say.
+
+
+def table(page: str, key: str) -> list[list[str]]:
+    """The rows (cells stripped) of the table between <!-- KEY:begin --> and <!-- KEY:end -->, header left out."""
+    section = page[page.index(f"<!-- {key}:begin -->") : page.index(f"<!-- {key}:end -->")]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]
+
+
+def test_the_book_shows_the_syllabus_first_and_the_instructors_page_last():
+    toc = re.findall(r"^\s*-\s*file:\s*(\S+)\s*$", (ROOT / "book.yml").read_text(), re.MULTILINE)
+    assert toc[:2] == ["README.md", "docs/syllabus.md"] and toc[-1] == "docs/instructors.md"
+    assert all((ROOT / path).exists() for path in toc)
+
+
+def test_every_trained_model_has_one_command_and_the_time_its_card_recorded():
+    rows = {row[0].strip("`"): row for row in table((ROOT / "docs" / "instructors.md").read_text(), "models")}
+    cards = {path.stem: json.loads(path.read_text()) for path in (ROOT / "data").glob("*.json")}
+    trained = {name: card["training"] for name, card in cards.items() if "wall_minutes" in card.get("training", {})}
+    assert set(rows) == set(trained) and {"unet_mnist_eps", "digit_classifier", "vae_mnist"} <= set(rows)
+    for name, training in trained.items():
+        _, chapters, command, minutes, machine = rows[name]
+        assert minutes == f"{training['wall_minutes']} min" and machine.startswith(training["machine"]), name
+        command = command.strip("`")
+        script = re.search(r"python (scripts/\w+\.py)", command).group(1)
+        source = (ROOT / script).read_text()
+        for flag in re.findall(r"(--[\w-]+)", command):
+            assert f'"{flag}"' in source, f"{name}: {script} has no option {flag}"
+        recipe = re.search(r"--recipe (\w+)", command)
+        if recipe:
+            assert f'"{recipe.group(1)}"' in (ROOT / "course_lib" / "recipes.py").read_text(), command
+            assert command.startswith(f"rm -f data/{name}.json && ")  # a finished card counts as done
+        sources = {stem: (ROOT / "notebooks" / f"{stem}.py").read_text() for stem in syllabus.book_chapters(ROOT)}
+        named = [str(int(stem[:2])) for stem, text in sources.items() if name in text]
+        assert chapters == (", ".join(named) or "none yet"), name
+
+
+def test_every_benchmark_row_is_a_command_that_benchmarks_md_records():
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    rows = table((ROOT / "docs" / "instructors.md").read_text(), "benchmarks")
+    assert {row[0].strip("`") for row in rows} == set(re.findall(r"<!-- bench:(\w+):begin -->", benchmarks))
+    for name, measured, command in rows:
+        assert f"Measured {measured} with {command}" in benchmarks, name
+
+
+def test_the_profile_table_holds_the_cpu_and_gpu_budgets():
+    from course_lib.profiles import PROFILES
+
+    rows = {row[0].strip("`"): row for row in table((ROOT / "docs" / "instructors.md").read_text(), "profiles")}
+    assert set(rows) == {field for field in vars(PROFILES["cpu"]) if field != "name"}
+    assert rows["unet_samples"][2:] == [f"{PROFILES['cpu'].unet_samples:,}", f"{PROFILES['gpu'].unet_samples:,}"]
+
+
+def test_the_grading_snippet_reports_each_exercise(tmp_path):
+    page = (ROOT / "docs" / "instructors.md").read_text()
+    snippet = textwrap.dedent(re.search(r"<<'EOF'\n(.*?)\n    EOF\n", page, re.S).group(1))
+    chapter = nbformat.read(sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))[0], as_version=4)
+    solutions = [i for i, cell in enumerate(chapter.cells) if "solution" in cell.metadata.get("tags", [])]
+    check = chapter.cells[solutions[0] + 1]  # as a run with --allow-errors leaves a failed check
+    check.outputs = [nbformat.v4.new_output("error", ename="AssertionError", evalue="wrong", traceback=[])]
+    nbformat.write(chapter, tmp_path / "graded.ipynb")
+    result = subprocess.run(
+        [sys.executable, "-", str(tmp_path / "graded.ipynb")], input=snippet, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["exercise 1: AssertionError: wrong"] + [
+        f"exercise {n}: solved" for n in range(2, len(solutions) + 1)
+    ]
+
+
+def test_the_instructors_page_names_the_commands_of_the_issue():
+    page = (ROOT / "docs" / "instructors.md").read_text()
+    for promise in [
+        "make student",
+        "python scripts/run_notebooks.py --profile cpu --store --report docs/benchmarks.md 04",
+        "make bench",
+        "repo2docker --no-run",
+        "pip install -r binder/requirements.txt",
+        "COURSE_DATA_DIR",
+        "COURSE_PROFILE",
+        "python scripts/retarget.py --binder-links",
+        "python scripts/run_notebooks.py --profile gpu --report docs/benchmarks.md",
+    ]:
+        assert promise in page, promise
