@@ -34,6 +34,7 @@ if "google.colab" in sys.modules:
 # # Chapter 1: Forward diffusion in 1D
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/01_forward_diffusion.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F01_forward_diffusion.ipynb)
 #
 # A diffusion model learns to undo a process that slowly destroys data by adding Gaussian noise. Before we learn
 # anything, we study that destruction on data we understand completely: a 1D mixture of two Gaussians, whose

@@ -34,6 +34,7 @@ if "google.colab" in sys.modules:
 # # Chapter 2: Noise schedules
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/02_noise_schedules.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F02_noise_schedules.ipynb)
 #
 # Chapter 1 noised data with one fixed sequence $\beta_0, \dots, \beta_{T-1}$. That sequence, the *noise
 # schedule*, decides how fast the signal is destroyed, and so which noise levels the model trains on and the

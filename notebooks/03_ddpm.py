@@ -34,6 +34,7 @@ if "google.colab" in sys.modules:
 # # Chapter 3: DDPM, the maths and a first trained denoiser
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/03_ddpm.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F03_ddpm.ipynb)
 #
 # Chapters 1 and 2 built the forward process $q(x_t \mid x_0)$ that turns data into noise. This chapter runs it
 # backwards. We derive what the reverse step should be, turn the evidence lower bound (ELBO) into the one-line loss

@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 4: A UNet from scratch
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/04_unet.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F04_unet.ipynb)
 #
 # Chapter 3 trained an MLP on points. Images need a network that sees neighbourhoods at several scales: a UNet.
 # This chapter builds the course's UNet (`course_lib.nets.unet`) block by block, checks every piece, compares it

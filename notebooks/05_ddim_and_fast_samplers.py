@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 5: DDIM and faster samplers
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/05_ddim_and_fast_samplers.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F05_ddim_and_fast_samplers.ipynb)
 #
 # DDPM draws a digit with 1,000 network calls. This chapter gets the same digits from 10 to 50 calls, without
 # retraining: DDIM (Song, Meng & Ermon 2021) changes the sampler, not the model. We derive it from the DDPM

@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 6: Latent diffusion
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/06_latent_diffusion.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F06_latent_diffusion.ipynb)
 #
 # Stable Diffusion does not denoise pixels: an autoencoder first squeezes each image into a smaller grid of
 # latents, the diffusion model works there, and the decoder turns its sample back into pixels (Rombach et al.

@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 7: Conditioning and classifier-free guidance
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/07_guidance.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F07_guidance.ipynb)
 #
 # An unconditional model draws some digit. To ask for a seven, the network needs the request as an input, and
 # the sampler a way to insist on it. This chapter adds class labels to the UNet, trains it with the label

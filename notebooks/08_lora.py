@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 8: LoRA, fine-tuning with a few thousand parameters
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/08_lora.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F08_lora.ipynb)
 #
 # Chapter 4's digit model took hours of CPU. To teach it a new style (bold strokes, a slant) we could fine-tune all
 # 1.9M parameters, and ship another 3.8 MB. LoRA (Hu et al. 2021) freezes the model and learns a low-rank update

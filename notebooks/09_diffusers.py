@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 9: From scratch to diffusers
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/09_diffusers.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F09_diffusers.ipynb)
 #
 # Eight chapters built diffusion from its parts: schedules, the DDPM and DDIM steps, a UNet, latents, guidance,
 # LoRA. 🤗 diffusers packages the same parts behind three kinds of object: **models** (networks with a config,

@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 10: Flow matching and rectified flow
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/10_flow_matching.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F10_flow_matching.ipynb)
 #
 # Chapter 5 found that deterministic DDIM solves an ODE, and that its path from noise to data bends, so few steps
 # miss it. Flow matching (Lipman et al. 2023; Liu et al. 2023, "rectified flow") starts from the other end: choose
