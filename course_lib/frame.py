@@ -119,7 +119,7 @@ def denoiser(
 
         return Denoiser(flow_fn, SIGMA_MIN, SIGMA_MAX, clip, name)
     if schedule is None:
-        raise ValueError(f"a {kind!r} model is a VP model: pass the schedule it was trained with")
+        raise ValueError(f"prediction_type {kind!r} is a VP model's: pass the schedule it was trained with")
     sigma_table = (-schedule.log_snr.double() / 2).exp()
 
     def vp_fn(x: torch.Tensor, sigma: float) -> torch.Tensor:

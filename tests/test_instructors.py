@@ -5,7 +5,6 @@ page whose commands, training times and budgets come from the scripts, the model
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -222,8 +221,12 @@ def test_every_binder_link_uses_the_one_repository_address():
 def test_binder_links_go_under_each_colab_link_and_keep_the_pair_in_sync(tmp_path):
     source = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))[0]
     py, ipynb = tmp_path / source.name, tmp_path / source.with_suffix(".ipynb").name
-    shutil.copy(source, py)
-    shutil.copy(source.with_suffix(".ipynb"), ipynb)
+    # a copy of chapter 1 as it was before it had its link
+    py.write_text("".join(line for line in source.read_text().splitlines(True) if "[Launch on Binder]" not in line))
+    original = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    for cell in original.cells:
+        cell.source = "".join(line for line in cell.source.splitlines(True) if "[Launch on Binder]" not in line)
+    nbformat.write(original, ipynb)
     before = nbformat.read(ipynb, as_version=4)
     assert retarget.add_binder_links(py, "alice/fork") and retarget.add_binder_links(ipynb, "alice/fork")
     url = f"https://mybinder.org/v2/gh/alice/fork/main?labpath=notebooks%2F{ipynb.name}"
@@ -326,3 +329,11 @@ def test_the_instructors_page_names_the_commands_of_the_issue():
         "python scripts/run_notebooks.py --profile gpu --report docs/benchmarks.md",
     ]:
         assert promise in page, promise
+
+
+def test_every_chapter_has_its_colab_and_binder_links():
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py")):
+        text = path.read_text()
+        assert "[Open in Colab](" in text and "[Launch on Binder](" in text, (
+            f"{path.name} lacks its Colab or Binder link: python scripts/retarget.py --binder-links adds the latter"
+        )

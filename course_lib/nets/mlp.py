@@ -32,7 +32,7 @@ class MLPDenoiser(nn.Module):
 
     def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # xt: (B, D), t: (B,) integers
-        h = self.input(xt) + self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, hidden)
+        h = self.input(xt) + self.time_mlp(timestep_embedding(t, self.time_dim).to(xt.dtype))  # (B, hidden)
         for block in self.blocks:
             h = h + block(h)  # (B, hidden)
         return self.output(h)  # (B, D)

@@ -212,7 +212,7 @@ class UNet(nn.Module):
         # with context_dim, whose padded tokens context_mask (B, L) marks False.
         if xt.ndim != 4:
             raise ValueError(f"need images (B, C, H, W); got shape {tuple(xt.shape)}")
-        emb = self.time_mlp(timestep_embedding(t, self.time_dim))  # (B, emb_dim)
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(xt.dtype))  # (B, emb_dim), in the input's dtype
         context = self.check_context(cond) if self.context_dim else None
         emb = emb if self.context_dim else emb + self.condition_embedding(cond)
         cross = dict(context=context, context_mask=context_mask)
