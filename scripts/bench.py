@@ -23,6 +23,9 @@ Figures:
     guidance     the class-conditional model under classifier-free guidance, w = 0..8: conditional accuracy, FID,
                  spread within classes, 500 DDIM-20 samples per w (also data/benchmarks/guidance.json, which
                  chapter 7 plots)
+    comparison   chapter 11's equal-budget runs through one frame: each finished run's best ODE solver at 10, 20 and
+                 50 network calls and a many-step reference, FID with spread (also data/benchmarks/comparison.json;
+                 runs measured before are kept)
 """
 
 import argparse
@@ -57,6 +60,7 @@ from course_lib.train import train
 from course_lib.weights import load_card, load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_comparison import comparison  # noqa: E402
 from bench_conditional import captions, guidance  # noqa: E402
 from report import replace_section  # noqa: E402
 
@@ -321,8 +325,17 @@ FIGURES = {
     "guidance": guidance,
     "flow": flow,
     "captions": captions,
+    "comparison": comparison,
 }
-SAMPLED = ("samplers", "euler_cap", "latent", "guidance", "flow", "captions")  # the figures that take --samples
+SAMPLED = (
+    "samplers",
+    "euler_cap",
+    "latent",
+    "guidance",
+    "flow",
+    "captions",
+    "comparison",
+)  # the figures that take --samples
 
 
 def main() -> None:
