@@ -61,6 +61,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from course_lib.benchmark import load_results
+from course_lib.claims import clearly_below
 from course_lib.flow import (
     euler_flow_sample,
     flow_loss,
@@ -273,13 +274,16 @@ print(f"benchmark: {flow_bench['n']} samples per run, flow model {flow_bench['fl
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for sampler, color in (("DDIM", "C0"), ("Euler", "C1"), ("Heun", "C2")):
     runs = [run for run in flow_bench["runs"] if run["sampler"] == sampler]
-    ax.plot([run["calls"] for run in runs], [run["fid"] for run in runs], "o-", color=color, label=sampler)
+    calls, fid = [run["calls"] for run in runs], torch.tensor([run["fid"] for run in runs])
+    band = torch.tensor([run["fid_sd"] for run in runs])  # the bootstrap spread of each FID
+    ax.plot(calls, fid, "o-", color=color, label=sampler)
+    ax.fill_between(calls, fid - band, fid + band, color=color, alpha=0.2)
     live = [(calls, fid) for name, calls, fid in rows if name == sampler]
     ax.scatter(*zip(*live, strict=True), marker="x", color=color)
 ax.axhline(flow_bench["runs"][0]["fid_floor"], color="grey", linestyle=":", label=f"floor, n = {flow_bench['n']}")
 ax.axhline(scores["fid_floor"], color="grey", linestyle="--", label=f"floor, n = {n} (this run)")
 ax.set(xscale="log", yscale="log", xlabel="network calls", ylabel="FID")
-ax.set_title(f"lines: benchmark (n = {flow_bench['n']}); x: this run (n = {n})", fontsize=10)
+ax.set_title(f"lines: benchmark (n = {flow_bench['n']}, bands ± 1 sd); x: this run (n = {n})", fontsize=10)
 ax.minorticks_off()
 ax.set_xticks([5, 10, 20, 50], ["5", "10", "20", "50"])
 ax.set_yticks([1, 2, 5, 10, 20, 50], ["1", "2", "5", "10", "20", "50"])
@@ -293,11 +297,16 @@ plt.show()
 # the two FIDs in the benchmark, per budget:
 
 # %%
-bench_fid = {(run["sampler"], run["calls"]): run["fid"] for run in flow_bench["runs"]}
-for sampler, calls in bench_fid:
+bench_runs = {(run["sampler"], run["calls"]): run for run in flow_bench["runs"]}
+for sampler, calls in bench_runs:
     if sampler == "DDIM":
-        ratio = bench_fid["DDIM", calls] / bench_fid["Euler", calls]
-        print(f"{calls:3d} calls: FID DDIM (eps) / Euler (flow) = {ratio:.1f}")
+        ddim, euler = bench_runs["DDIM", calls], bench_runs["Euler", calls]
+        apart = clearly_below(euler["fid"], euler["fid_sd"], ddim["fid"], ddim["fid_sd"])
+        print(
+            f"{calls:3d} calls: FID DDIM (eps) {ddim['fid']:.2f} ± {ddim['fid_sd']:.2f}, Euler (flow) "
+            f"{euler['fid']:.2f} ± {euler['fid_sd']:.2f}: ratio {ddim['fid'] / euler['fid']:.1f}"
+            f"{'' if apart else ' (within the spreads)'}"
+        )
 
 # %% [markdown]
 # DDIM is the simplest sampler of the eps model, not its best (chapter 5: DPM-Solver++(2M)), and the two models saw
