@@ -15,10 +15,16 @@ close to uniform, so "confident" means "looks like one clear digit", not merely 
 Three convolution stages at 28 x 28, 14 x 14 and 7 x 7 keep it cheap on a CPU: the channels double while the
 positions fall fourfold, so every c -> c convolution costs the same 9 c^2 H W multiply-adds; with two convolutions
 per stage, about 29M multiply-adds per image in all.
+
+`NoisyDigitClassifier` (chapter 13) is the other kind: it reads noised digits x_t at any timestep t, as classifier
+guidance needs (Dhariwal & Nichol 2021, section 4), and is trained by `course_lib.editing.noisy_classifier_loss`.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from course_lib.nets.embedding import timestep_embedding
 
 
 def conv_stage(c_in: int, c_out: int, convs: int) -> nn.Sequential:
@@ -69,3 +75,45 @@ class DigitClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, 1, 28, 28) in [-1, 1]
         return self.head(self.dropout(self.features(x)))  # (B, n_classes) logits
+
+
+class NoisyDigitClassifier(nn.Module):
+    """classifier(xt, t) -> logits (B, n_classes) for digits noised to timestep t: the p_phi(y | x_t, t) of
+    classifier guidance (Dhariwal & Nichol 2021 use the UNet's way down with its time embedding; this is a small
+    CNN). One 3x3 convolution per stage, a 2x2 max-pool between stages; t enters through the course's sinusoidal
+    embedding (`nets.embedding.timestep_embedding`) and an MLP, as a per-channel shift after each GroupNorm.
+    GroupNorm, not BatchNorm: a guidance gradient needs examples that do not depend on each other."""
+
+    def __init__(
+        self,
+        channels: tuple[int, ...] = (16, 32, 64),  # width of each stage; a 2x2 max-pool between them
+        n_classes: int = 10,  # number of digit classes
+        time_dim: int = 32,  # size of the sinusoidal timestep embedding (the MLP widens it fourfold)
+        groups: int = 8,  # GroupNorm groups
+    ):
+        super().__init__()
+        if not (channels and min(channels) >= 1 and n_classes >= 2 and time_dim >= 2 and time_dim % 2 == 0):
+            raise ValueError(
+                f"need positive channels, n_classes >= 2 and an even time_dim >= 2; got channels={channels}, "
+                f"n_classes={n_classes}, time_dim={time_dim}"
+            )
+        emb_dim = 4 * time_dim
+        self.time_dim = time_dim
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        c_ins = (1, *channels[:-1])
+        self.convs = nn.ModuleList(nn.Conv2d(c_in, c, 3, padding=1) for c_in, c in zip(c_ins, channels, strict=True))
+        self.norms = nn.ModuleList(nn.GroupNorm(min(groups, c), c) for c in channels)
+        self.shifts = nn.ModuleList(nn.Linear(emb_dim, c) for c in channels)
+        self.head = nn.Linear(channels[-1], n_classes)
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # xt: (B, 1, 28, 28), t: (B,) integer timesteps
+        if xt.ndim != 4 or xt.shape[1] != 1:
+            raise ValueError(f"need images (B, 1, H, W); got shape {tuple(xt.shape)}")
+        emb = F.silu(self.time_mlp(timestep_embedding(t, self.time_dim).to(xt.dtype)))  # (B, emb_dim)
+        h = xt
+        for index, (conv, norm, shift) in enumerate(zip(self.convs, self.norms, self.shifts, strict=True)):
+            if index > 0:
+                h = F.max_pool2d(h, 2)  # (B, c_prev, H / 2, W / 2)
+            h = F.silu(norm(conv(h)) + shift(emb)[:, :, None, None])  # (B, c, H, W)
+        return self.head(h.mean(dim=(2, 3)))  # (B, n_classes): global average pool, then logits

@@ -210,13 +210,26 @@ class UNet(nn.Module):
         # xt: (B, in_channels, H, W), any H and W (odd ones too: 7 x 7 latents); t: (B,); cond: see below.
         # cond is labels (B,) with num_classes, a vector (B, cond_dim) with cond_dim, or a context (B, L, context_dim)
         # with context_dim, whose padded tokens context_mask (B, L) marks False.
+        emb, cross = self.embed(xt, t, cond, context_mask)
+        h, skips, sizes = self.encode(self.conv_in(xt), emb, cross)  # conv_in: (B, c0, H, W)
+        return self.decode(h, emb, skips, sizes, cross)  # (B, in_channels, H, W)
+
+    # forward in three parts, so that a ControlNet (course_lib.control, chapter 13) runs a copy of the way down and
+    # adds its outputs to the skips and the middle that `decode` reads; forward itself is unchanged by the split.
+
+    def embed(self, xt, t, cond=None, context_mask=None) -> tuple[torch.Tensor, dict]:
+        """The time embedding plus the condition's, (B, emb_dim), and the cross-attention's inputs (a dict of
+        context and context_mask, both None without context_dim)."""
         if xt.ndim != 4:
             raise ValueError(f"need images (B, C, H, W); got shape {tuple(xt.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(xt.dtype))  # (B, emb_dim), in the input's dtype
         context = self.check_context(cond) if self.context_dim else None
         emb = emb if self.context_dim else emb + self.condition_embedding(cond)
-        cross = dict(context=context, context_mask=context_mask)
-        h = self.conv_in(xt)  # (B, c0, H, W)
+        return emb, dict(context=context, context_mask=context_mask)
+
+    def encode(self, h, emb, cross) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Size]]:
+        """The way down and the middle, from the first feature map h = conv_in(xt) (B, c0, H, W): returns the
+        middle's output, the skips (every down block's output, in order) and the sizes before each downsampling."""
         skips, sizes = [], []
         for index, level in enumerate(self.down):
             h = level(h, emb, skips_out=skips, **cross)
@@ -225,8 +238,22 @@ class UNet(nn.Module):
                 h = self.downsample[index](h)  # (B, c, ceil(H / 2), ceil(W / 2))
         h = self.mid_attention(self.mid1(h, emb))  # (B, c_last, H / 2^(levels-1), ...)
         if self.mid_cross is not None:
-            h = self.mid_cross(h, context, context_mask)
-        h = self.mid2(h, emb)
+            h = self.mid_cross(h, cross["context"], cross["context_mask"])
+        return self.mid2(h, emb), skips, sizes
+
+    def decode(self, h, emb, skips, sizes, cross, skip_residuals=None, middle_residual=None) -> torch.Tensor:
+        """The way up from the middle's output h, every block taking its skip (the lists given are not changed).
+
+        A ControlNet's outputs are added where the decoder reads: middle_residual (shaped like h) to h, and
+        skip_residuals[i] (one per skip, shaped like it) to skips[i], as diffusers' UNet2DConditionModel adds
+        `mid_block_additional_residual` and `down_block_additional_residuals`. None adds nothing."""
+        if middle_residual is not None:
+            h = h + middle_residual
+        if skip_residuals is not None:
+            if len(skip_residuals) != len(skips):
+                raise ValueError(f"need one residual per skip ({len(skips)}); got {len(skip_residuals)}")
+            skips = [skip + residual for skip, residual in zip(skips, skip_residuals, strict=True)]
+        skips, sizes = list(skips), list(sizes)  # popped below
         for index, level in enumerate(self.up):
             h = level(h, emb, skips_in=skips, **cross)
             if index < self.levels - 1:
