@@ -17,8 +17,9 @@ One concept per module, in the order the course teaches them:
     solvers     DPM-Solver++(2M), Euler with Karras sigmas (euler_karras_*)                chapter 5
     sampling    the sampler family by name (SAMPLERS, run_sampler), batched and timed      chapters 5-10
                 drawing from seeded noise (draw_samples, draw_flow_samples)
-    nets/       the networks (they know nothing of schedules): mlp, unet, classifier,      chapter 3 on
-                vae (latent autoencoder), text (text encoder, text-conditioned UNet)
+    nets/       the networks (they know nothing of schedules): mlp, unet, classifier and     chapter 3 on
+                noisy classifier, vae (latent autoencoder), text (text encoder, text-conditioned
+                UNet), dit (a diffusion transformer, adaLN-Zero; dit_gflops, chapter 12)
     recipes     each shipped model's network, schedule and training settings               chapter 4 on
     train       the training loop: AdamW, warm-up, clipping, EMA, resumable checkpoints    chapter 3 on
     weights     shipped weights: safetensors + JSON card + sha256 manifest                 chapter 4 on
@@ -37,6 +38,11 @@ One concept per module, in the order the course teaches them:
     edm         EDM preconditioning: c_skip, c_out, c_in, c_noise; the EDM loss            chapter 11
     frame       one frame: any model as D(x; sigma), Tweedie's score, the ODE samplers     chapter 11
                 (Euler, Heun, DPM-Solver++(2M)) once for all, annealed Langevin
+    control     ControlNet: edge maps of digits and their F1 (edge_agreement), the hint    chapter 13
+                encoder, a trainable copy of the UNet's way down with zero convs, the frozen
+                base steered through its decoder (ControlledUNet)
+    editing     img2img / SDEdit (diffusers' img2img timesteps), RePaint inpainting,       chapter 13
+                classifier guidance with a noise-aware classifier
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):
