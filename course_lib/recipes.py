@@ -11,6 +11,9 @@ another config, schedule or data).
     unet_mnist_flow     flow matching (velocity on straight paths), started from unet_mnist_eps (chapter 10)
     cmp_*               chapter 11's equal-budget comparison: the same UNet from scratch, same seed, the same
                         256,000 training images, one objective each (COMPARISON)
+    dit_s, dit_m, dit_l, latent_unet_flow_class
+                        chapter 12: DiTs of three widths and the latent UNet, class-conditional flow on latents
+                        (TRANSFORMER_STUDY)
 """
 
 import importlib
@@ -63,6 +66,16 @@ FLOW_CONFIG = replace(FINE_TUNE_CONFIG, objective="flow", min_snr_gamma=None)
 # (seed 0) and the same learning-rate schedule; only the objective (and its standard weighting) differs.
 COMPARISON_CONFIG = replace(DIGIT_CONFIG, steps=2000)
 _plain = dict(min_snr_gamma=None)
+
+# Chapter 12: a diffusion transformer against the latent UNet, both class-conditional flow models (logit-normal t,
+# SD3's recipe) on data/vae_mnist's latents, each 2,000 steps of 128 (the comparison's 256,000 images); three DiT
+# widths at depth 4 for the scaling study (FID against training GFLOPs). lr 1e-3: the DiT paper trains at 1e-4 with
+# batch 256 for 400k steps; a short run needs more, and 2e-3 is the UNet's (not tuned for the DiT here).
+LATENT_FLOW_CONFIG = replace(
+    COMPARISON_CONFIG, objective="flow", time_sampling="logit_normal", min_snr_gamma=None, lr=1e-3
+)
+LATENT_UNET = dict(in_channels=4, channels=(64, 128), blocks=(1, 1), attention=(False, True), heads=4, groups=8)
+LATENT_DIT = dict(in_channels=4, input_size=7, patch_size=1, depth=4, mlp_ratio=4, num_classes=10)
 
 RECIPES = {
     recipe.name: recipe
@@ -127,9 +140,34 @@ RECIPES = {
             # at most 5e-5; this run measures whether that last step matters
             about="v, plain MSE, cosine rescaled to zero terminal SNR",
         ),
+        # --- chapter 12's transformer study ----------------------------------------------------------------
+        Recipe(
+            "latent_unet_flow_class",
+            {**LATENT_UNET, "num_classes": 10},
+            LATENT_FLOW_CONFIG,
+            schedule=None,
+            condition="labels",
+            latents="vae_mnist",
+            about="latent UNet (the latent_mnist_eps network with labels), flow, logit-normal t",
+        ),
+        *(
+            Recipe(
+                f"dit_{size}",
+                {**LATENT_DIT, "width": width, "heads": width // 32},
+                LATENT_FLOW_CONFIG,
+                schedule=None,
+                condition="labels",
+                latents="vae_mnist",
+                model_class="course_lib.nets.dit.DiT",
+                about=f"DiT width {width}, depth 4, patch 1 (49 tokens), flow, logit-normal t",
+            )
+            for size, width in (("s", 128), ("m", 192), ("l", 256))
+        ),
     ]
 }
 COMPARISON = tuple(name for name in RECIPES if name.startswith("cmp_"))
+TRANSFORMER_STUDY = tuple(name for name in RECIPES if name.startswith(("dit_", "latent_unet_flow")))
+GROUPS = {"comparison": COMPARISON, "transformer": TRANSFORMER_STUDY}  # `train_unet.py --recipe GROUP` trains each
 
 
 def model_class(path: str) -> type:

@@ -6,7 +6,8 @@
 
 Recipes (each a fixed model, schedule and optimiser, so that every session trains the same run) live in
 course_lib/recipes.py, which lists them; `--recipe cmp_eps` and the other cmp_* recipes are chapter 11's
-equal-budget comparison (`--recipe comparison` trains them one after another within the budget).
+equal-budget comparison (`--recipe comparison` trains them one after another within the budget); dit_s, dit_m,
+dit_l and latent_unet_flow_class are chapter 12's transformer study (`--recipe transformer`, likewise).
 
 Stop it at any moment: it checkpoints every few minutes and at the end of its budget, and the next call continues
 exactly where it stopped. The checkpoint of an unfinished run is committed as data/training/NAME.pt (AdamW state
@@ -38,7 +39,15 @@ from course_lib.captions import caption_parts, random_captions, tokenize
 from course_lib.data import load_digits
 from course_lib.guidance import label_condition
 from course_lib.profiles import describe_machine, get_device
-from course_lib.recipes import CAPTION_DROPOUT, COMPARISON, LABEL_DROPOUT, RECIPES, Recipe, build, prediction_type
+from course_lib.recipes import (
+    CAPTION_DROPOUT,
+    GROUPS,
+    LABEL_DROPOUT,
+    RECIPES,
+    Recipe,
+    build,
+    prediction_type,
+)
 from course_lib.schedules import make_schedule
 from course_lib.train import train
 from course_lib.weights import load_card, load_model, save_weights
@@ -225,8 +234,9 @@ def main() -> None:
     parser.add_argument(
         "--recipe",
         default="unet_mnist_eps",
-        choices=[*sorted(RECIPES), "comparison"],
-        help="which model to train ('comparison': the cmp_* recipes in turn, each until it is done)",
+        choices=[*sorted(RECIPES), *GROUPS],
+        help="which model to train ('comparison': chapter 11's cmp_* recipes in turn, each until it is done; "
+        "'transformer': chapter 12's DiTs and latent UNet likewise)",
     )
     parser.add_argument("--budget-minutes", type=float, default=0, help="wall-clock budget of this call (0: none)")
     parser.add_argument("--checkpoint", type=Path, help="default: data/training/RECIPE.pt")
@@ -243,7 +253,7 @@ def main() -> None:
         help="through accelerate (default: as accelerate launch says; without it, none)",
     )
     args = parser.parse_args()
-    recipes = [RECIPES[name] for name in COMPARISON] if args.recipe == "comparison" else [RECIPES[args.recipe]]
+    recipes = [RECIPES[name] for name in GROUPS[args.recipe]] if args.recipe in GROUPS else [RECIPES[args.recipe]]
     if args.status:
         table = status(recipes)
         if args.recipe == "comparison":
@@ -265,7 +275,7 @@ def main() -> None:
     if args.budget_minutes == 0 and not args.export:
         parser.error("nothing to do: give --budget-minutes N to train, --export to export, or both")
     if args.checkpoint is not None and len(recipes) > 1:
-        parser.error("--checkpoint names one run's file; with --recipe comparison each run uses its default")
+        parser.error(f"--checkpoint names one run's file; with --recipe {args.recipe} each run uses its default")
     if args.threads:
         torch.set_num_threads(args.threads)
     stop_on_signals()

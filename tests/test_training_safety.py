@@ -12,7 +12,7 @@ from course_lib.ddpm import simple_loss
 from course_lib.edm import edm_loss
 from course_lib.flow import flow_loss, reflow_loss
 from course_lib.nets.mlp import MLPDenoiser
-from course_lib.recipes import COMPARISON, RECIPES, prediction_type
+from course_lib.recipes import COMPARISON, RECIPES, TRANSFORMER_STUDY, build, prediction_type
 from course_lib.schedules import make_schedule
 from course_lib.train import LOSSES, OBJECTIVES, TrainConfig, train
 
@@ -174,6 +174,24 @@ def test_the_comparison_recipes_differ_only_in_their_objective():
         for field in ("steps", "batch_size", "lr", "warmup", "seed", "ema_decay", "grad_clip"):
             assert getattr(recipe.config, field) == getattr(recipes[0].config, field), (recipe.name, field)
     assert recipes[0].config.steps * recipes[0].config.batch_size == 256_000
+
+
+def test_the_transformer_study_trains_every_network_on_the_same_data_and_recipe():
+    """Chapter 12: the DiTs and the latent UNet differ in their network only (flow on the same latents, labels)."""
+    recipes = [RECIPES[name] for name in TRANSFORMER_STUDY]
+    assert {recipe.model_class.rsplit(".", 1)[1] for recipe in recipes} == {"UNet", "DiT"}
+    widths = [recipe.model["width"] for recipe in recipes if recipe.model_class.endswith("DiT")]
+    assert widths == sorted(widths) and len(widths) == 3
+    for recipe in recipes:
+        assert (recipe.config, recipe.latents, recipe.condition, recipe.schedule) == (
+            recipes[0].config,
+            "vae_mnist",
+            "labels",
+            None,
+        ), recipe.name
+        assert prediction_type(recipe) == "velocity" and build(recipe)(
+            torch.zeros(2, 4, 7, 7), torch.tensor([0.0, 500.0]), torch.tensor([3, 10])
+        ).shape == (2, 4, 7, 7)
 
 
 def test_a_sigint_during_training_saves(tmp_path):
