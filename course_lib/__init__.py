@@ -43,6 +43,8 @@ One concept per module, in the order the course teaches them:
                 base steered through its decoder (ControlledUNet)
     editing     img2img / SDEdit (diffusers' img2img timesteps), RePaint inpainting,       chapter 13
                 classifier guidance with a noise-aware classifier
+    diagnose    what a broken set-up is likely doing wrong: checks that each return a        chapter 15
+                Finding (cause, evidence, fix) from a cheap measurement; diagnose, report
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):
