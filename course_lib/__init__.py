@@ -43,8 +43,10 @@ One concept per module, in the order the course teaches them:
                 base steered through its decoder (ControlledUNet)
     editing     img2img / SDEdit (diffusers' img2img timesteps), RePaint inpainting,       chapter 13
                 classifier guidance with a noise-aware classifier
-    diagnose    what a broken set-up is likely doing wrong: checks that each return a        chapter 15
-                Finding (cause, evidence, fix) from a cheap measurement; diagnose, report
+    symptoms    what a set-up shows when measured: data range, the timestep and target a    chapter 15
+                model fits, latent spread, class shares, the classifier's mode (Finding)
+    diagnose    the pipeline's settings checked (sampler steps, schedule, posterior         chapter 15
+                variance, EMA), and `diagnose`: every check whose inputs are given; report
     plotting    image grids, strips, loss curves
 
 Notation, shared by every notebook and module (ASCII in code, Greek in the maths):

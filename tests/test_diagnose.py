@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from course_lib import diagnose as diagnosis
+from course_lib import symptoms
 from course_lib.data import load_digits
 from course_lib.ddpm import ddpm_step, posterior, prediction_targets, split_prediction, x0_from_eps
 from course_lib.diagnose import Finding, SamplerSettings, diagnose, report
-from course_lib.metrics import load_digit_classifier
+from course_lib.metrics import class_histogram, load_digit_classifier
 from course_lib.samplers import ddim_sample
 from course_lib.schedules import gather, make_schedule
 from course_lib.train import TrainConfig
@@ -70,7 +71,7 @@ def measured(monkeypatch):
     """What the measuring functions returned during a test, printed (run with -s)."""
     records = []
     for name in ("timestep_offset", "target_errors"):
-        original = getattr(diagnosis, name)
+        original = getattr(symptoms, name)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             result = _original(*args, **kwargs)
@@ -78,7 +79,7 @@ def measured(monkeypatch):
             print(f"measured {_name}: {result}")
             return result
 
-        monkeypatch.setattr(diagnosis, name, spy)
+        monkeypatch.setattr(symptoms, name, spy)
     return records
 
 
@@ -116,9 +117,9 @@ def test_the_healthy_set_up_has_no_findings(shipped, measured):
     )
     assert causes(findings) == []
     offset, errors = dict(measured)["timestep_offset"], dict(measured)["target_errors"]
-    assert abs(offset["offset"]) < diagnosis.OFFSET_LIMIT - 0.15 and offset["curvature_t"] > 8
+    assert abs(offset["offset"]) < symptoms.OFFSET_LIMIT - 0.15 and offset["curvature_t"] > 8
     assert errors["eps"] * 10 < min(errors["v"], errors["x0"])
-    share = diagnosis.class_histogram(shipped["classifier"], samples).max().item()
+    share = class_histogram(shipped["classifier"], samples).max().item()
     print(f"healthy samples: largest class share {share:.3f}, range {samples.min():.2f}..{samples.max():.2f}")
     assert share < 0.25
 
@@ -139,7 +140,7 @@ def test_healthy_numbers_sit_clear_of_every_limit(shipped):
     """The healthy side of each inspected threshold, printed (-s) and checked with margin; the measured ones
     (timestep offset, target errors, sample classes) are checked in the healthy test above."""
     schedule = shipped["schedule"]
-    _, low, high, mean = diagnosis.pixel_range(shipped["train"])
+    _, low, high, mean = symptoms.pixel_range(shipped["train"])
     with torch.no_grad():
         latents = shipped["vae"].encode(shipped["heldout"]).mode() * shipped["scaling_factor"]
     prefix = torch.bincount(shipped["train_labels"][:128], minlength=10).max().item() / 128
@@ -182,7 +183,7 @@ def test_off_by_one_timestep(shipped, shift):
     model = Shifted(shipped["model"], shift)
     findings = diagnose(model=model, schedule=shipped["schedule"], heldout=shipped["heldout"])
     assert causes(findings) == [f"an off-by-one timestep: the model is called with t {shift:+d}"]
-    assert abs(offset_of(findings)) > diagnosis.OFFSET_LIMIT + 0.15
+    assert abs(offset_of(findings)) > symptoms.OFFSET_LIMIT + 0.15
 
 
 def test_v_weights_read_as_eps(shipped, measured):
@@ -311,11 +312,11 @@ def test_bad_arguments_raise_naming_the_value(shipped):
     with pytest.raises(ValueError, match="scaling_factor="):
         diagnose(vae=shipped["vae"], data=shipped["heldout"])
     with pytest.raises(ValueError, match="labels or a classifier"):
-        diagnosis.check_data_order(shipped["heldout"])
+        symptoms.check_data_order(shipped["heldout"])
     with pytest.raises(ValueError, match=r"\(3, 1, 28, 28\)"):
-        diagnosis.check_data_range(shipped["heldout"][:3])
+        symptoms.check_data_range(shipped["heldout"][:3])
     with pytest.raises(ValueError, match="different networks"):
-        diagnosis.check_sampling_weights(shipped["vae"], shipped["model"])
+        symptoms.check_sampling_weights(shipped["vae"], shipped["model"])
     with pytest.raises(TypeError, match="str"):
         diagnose(checkpoint="run.pt")
     with pytest.raises(TypeError):
