@@ -252,15 +252,16 @@ for sigma in (0.05, 0.2, 1.0, 5.0):
     ).item()
     print(f"sigma = {sigma:>4}: relative squared error of the learned score {relative_errors[sigma]:.3f}")
 check_claim(
-    max(relative_errors[s] for s in (0.2, 1.0, 5.0)) < 0.05 and relative_errors[0.05] > relative_errors[1.0],
-    "the learned score is within 5% (squared) of the exact one from sigma = 0.2 up, and worst at the smallest level",
+    max(relative_errors.values()) < 0.05 and relative_errors[5.0] < min(relative_errors[0.05], relative_errors[0.2]),
+    "the learned score is within 5% (squared) of the exact one at every level, and closest at the largest",
     ", ".join(f"sigma {s}: {e:.3f}" for s, e in relative_errors.items()),
     decisive,
 )
 
 # %% [markdown]
-# The smallest level is the hardest: there the score is huge and changes sharply from one mode's edge to the next,
-# and the network is asked for $-\hat\epsilon/\sigma$, where an error in $\hat\epsilon$ is divided by 0.05.
+# At a large level the blurred ring is nearly one Gaussian and its score nearly linear, an easy function; near the
+# data the score changes sharply from one mode's edge to the next, and the network is asked for
+# $-\hat\epsilon/\sigma$, where an error in $\hat\epsilon$ is divided by a small $\sigma$.
 #
 # ## 3. Sampling with the score: annealed Langevin dynamics
 #
@@ -704,8 +705,9 @@ check_claim(
 
 # %% [markdown]
 # This is why every eps sampler of the course clips $\hat x_0$ to $[-1, 1]$ (chapter 4): at the noisy end the
-# eps model's estimate of the clean digit is far outside the pixel range, and the clip hides it. A v, flow or EDM
-# model needs no clip there. Whether that buys better samples at equal training is the comparison's question.
+# eps model's estimate of the clean digit is far outside the pixel range, and the clip hides it. A parameterisation
+# whose error is not amplified there (the flow model above; v and EDM by the gains in the table) leans on the clip
+# far less. Whether that buys better samples at equal training is the comparison's question.
 #
 # ## 8. The equal-budget comparison
 #
