@@ -316,8 +316,10 @@ def diagnose(
         examples = latents[:n]
         findings += check_latent_scale(latents, scaling_factor, card)
     if model is not None and examples is not None:
-        findings += check_timestep_alignment(model, schedule, examples, seed)
-        findings += check_prediction_type(model, schedule, examples, sampler.prediction_type if sampler else None, seed)
+        mismatch = check_prediction_type(model, schedule, examples, sampler.prediction_type if sampler else None, seed)
+        if not mismatch:  # the offset is read from the error against the declared target: meaningless if it is wrong
+            findings += check_timestep_alignment(model, schedule, examples, seed)
+        findings += mismatch
     findings += check_ema(train_config, checkpoint, card)
     if ema_model is not None:
         findings += check_sampling_weights(model, ema_model, schedule, examples)

@@ -146,7 +146,14 @@ def check_timestep_alignment(model, schedule: Schedule, x0: torch.Tensor, seed: 
     healthy +0.17 (t statistic 12.8), called with t + 1: -0.88, with t - 1: +1.14; on 4 sets of 128 digits
     +0.17..+0.27, -0.75..-0.88 and +1.13..+1.25. On 64 digits the healthy offset spread to +0.06..+0.33 and t + 1 to
     -0.69..-0.99: use 128 (the default n of `diagnose`). Where the error barely changes with t (the latent model:
-    t statistic 0.5..1.3) an offset cannot be seen, and no finding is made."""
+    t statistic 0.5..1.3) an offset cannot be seen, and no finding is made.
+
+    Limitation, measured in session 7: the estimate carries a bias of its own that differs between models trained
+    on the same clock and called correctly: unet_mnist_eps +0.17, cmp_v +0.20, cmp_eps +0.80 (the last over the
+    limit). So the finding is a lead, not a proof: compare with the same weights called directly by a course
+    sampler (an offset that moves by about 1 between the two calls is the bug). `diagnose` skips this check when
+    the output fits another target than the declared one, where the error against the declared target says nothing
+    about t."""
     m = timestep_offset(model, schedule, x0, seed)
     if m["curvature_t"] < 4 or abs(m["offset"]) <= OFFSET_LIMIT:
         return []
@@ -156,7 +163,8 @@ def check_timestep_alignment(model, schedule: Schedule, x0: torch.Tensor, seed: 
         Finding(
             f"an off-by-one timestep: the model is called with t {called:+d}",
             f"MSE told t-{shifts}..t+{shifts} (probe t {m['probe'][0]}..{m['probe'][-1]}), relative to t: {curve}; "
-            f"lowest near t {m['offset']:+.2f} (healthy: +0.2, limit {OFFSET_LIMIT})",
+            f"lowest near t {m['offset']:+.2f} (limit {OFFSET_LIMIT}; healthy models measured +0.17 to +0.80, so "
+            "compare with the same weights called directly)",
             "call the model with the same 0-based t (0..T-1) that indexes the schedule's tables",
         )
     ]

@@ -321,3 +321,12 @@ def test_bad_arguments_raise_naming_the_value(shipped):
         diagnose(checkpoint="run.pt")
     with pytest.raises(TypeError):
         diagnose(modle=shipped["model"])
+
+
+def test_v_weights_read_as_eps_give_the_mismatch_and_no_spurious_offset():
+    """Found running chapter 15: with the output read as the wrong target, the timestep fit (made on the declared
+    target's error) reported an off-by-one for cmp_v; diagnose now skips it when the target is wrong."""
+    model, schedule = load_model("cmp_v"), make_schedule("cosine", T=1000)
+    model.prediction_type = "eps"  # a model loaded without its card, read as eps
+    findings = diagnose(model=model, schedule=schedule, heldout=load_digits("heldout")[0][:128])
+    assert [finding.cause.split(":")[0] for finding in findings] == ["a prediction-type mismatch"], findings
