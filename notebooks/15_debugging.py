@@ -35,6 +35,7 @@ if "google.colab" in sys.modules:
 # # Chapter 15: Debugging diffusion
 #
 # [Open in Colab](https://colab.research.google.com/github/diffusion-course/diffusion-course/blob/main/notebooks/15_debugging.ipynb)
+# [Launch on Binder](https://mybinder.org/v2/gh/diffusion-course/diffusion-course/main?labpath=notebooks%2F15_debugging.ipynb)
 #
 # "My samples are noise" is the question every diffusion course's issue tracker hears most. A diffusion pipeline
 # has many parts that must agree (the data's range, the timestep convention, what the network predicts, the

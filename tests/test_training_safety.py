@@ -196,6 +196,11 @@ def test_the_transformer_study_trains_every_network_on_the_same_data_and_recipe(
 
 def test_a_sigint_during_training_saves(tmp_path):
     """The same through a real SIGINT, as Jupyter's Stop button sends it to the kernel."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a background job of a shell: it would train forever
+        pytest.fail(
+            "SIGINT is ignored in this process (run in the background by a shell?): run the tests in the "
+            "foreground, or from a process that restores SIGINT"
+        )
     checkpoint = tmp_path / "run.pt"
     timer = threading.Timer(1.0, lambda: signal.raise_signal(signal.SIGINT))
     config = replace(CONFIG, steps=10**7, checkpoint_every_s=1e9)
