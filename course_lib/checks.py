@@ -158,3 +158,17 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} is empty: shape {shape}")
     if not torch.isfinite(images).all():
         raise ValueError(f"{name} hold {(~torch.isfinite(images)).sum().item()} NaN or infinite values")
+
+
+def check_labels(cond, num_classes: int, batch_size: int, owner: str) -> None:
+    """Class labels for a class-conditional network (`owner`, e.g. "this UNet"): a (batch_size,) long tensor in
+    0..num_classes, num_classes meaning "no label" (classifier-free guidance). Raises naming what was given."""
+    if cond is None or cond.dtype != torch.long or cond.shape != (batch_size,):
+        got = None if cond is None else f"{cond.dtype} of shape {tuple(cond.shape)}"
+        raise ValueError(
+            f"{owner} is class-conditional: pass labels, a ({batch_size},) long tensor in 0..{num_classes} "
+            f"({num_classes} for no label); got {got}"
+        )
+    bad = cond[(cond < 0) | (cond > num_classes)]
+    if len(bad):
+        raise ValueError(f"labels must lie in 0..{num_classes} ({num_classes}: no label); got {bad[0].item()}")

@@ -31,7 +31,7 @@ def test_class_labels_change_the_output_and_bad_labels_raise():
     three, seven = model(x, t, torch.tensor([3, 3])), model(x, t, torch.tensor([7, 7]))
     assert not torch.allclose(three, seven)
     assert model(x, t, torch.tensor([10, 10])).shape == x.shape  # 10: the null label
-    with pytest.raises(ValueError, match="labels must lie in 0..10; got 11"):
+    with pytest.raises(ValueError, match=r"labels must lie in 0..10 \(10: no label\); got 11"):
         model(x, t, torch.tensor([3, 11]))
     with pytest.raises(ValueError, match="class-conditional: pass labels"):
         model(x, t)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.checks import check_labels
 from course_lib.nets.embedding import timestep_embedding
 
 
@@ -194,15 +195,7 @@ class DiT(nn.Module):
             if cond is not None:
                 raise ValueError("this DiT was built without num_classes, so it takes no condition; pass cond=None")
             return 0.0
-        if cond is None or cond.dtype != torch.long or cond.shape != (batch_size,):
-            got = None if cond is None else f"{cond.dtype} of shape {tuple(cond.shape)}"
-            raise ValueError(
-                f"this DiT is class-conditional: pass labels, a ({batch_size},) long tensor in 0..{self.num_classes} "
-                f"({self.num_classes} for no label); got {got}"
-            )
-        bad = cond[(cond < 0) | (cond > self.num_classes)]
-        if len(bad):
-            raise ValueError(f"labels must lie in 0..{self.num_classes} ({self.num_classes}: no label); got {bad[0]}")
+        check_labels(cond, self.num_classes, batch_size, "this DiT")
         return self.class_emb(cond)  # (B, D)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from course_lib.checks import check_labels
 from course_lib.nets.embedding import timestep_embedding
 
 
@@ -269,15 +270,7 @@ class UNet(nn.Module):
     def condition_embedding(self, cond: torch.Tensor | None) -> torch.Tensor | float:
         """What `cond` adds to the time embedding: a label's learned vector, a projected vector, or 0 for none."""
         if self.class_emb is not None:
-            if cond is None or cond.dtype != torch.long or cond.ndim != 1:
-                got = None if cond is None else f"{cond.dtype} of shape {tuple(cond.shape)}"
-                raise ValueError(
-                    f"this UNet is class-conditional: pass labels, a (B,) long tensor in 0..{self.num_classes} "
-                    f"({self.num_classes} for no label); got {got}"
-                )
-            bad = cond[(cond < 0) | (cond > self.num_classes)]
-            if len(bad):
-                raise ValueError(f"labels must lie in 0..{self.num_classes}; got {bad[0].item()}")
+            check_labels(cond, self.num_classes, len(cond) if cond is not None and cond.ndim else -1, "this UNet")
             return self.class_emb(cond)  # (B, emb_dim)
         if cond is None:
             return 0.0
