@@ -405,7 +405,7 @@ check_claim(named(findings, "T too small"), "diagnose names T too small", f"{len
 # %%
 def forgot_the_square_root(model_output, t, xt, noise):
     mean, _ = ddpm_step(schedule, model_output, t, xt, torch.zeros_like(xt))  # the step's mean (no noise)
-    beta_tilde = schedule.betas[t] * (1 - schedule.alpha_bar[t - 1]) / (1 - schedule.alpha_bar[t]) if t else 0.0
+    beta_tilde = schedule.posterior_variance[t]  # the right variance, beta_tilde_t (0 at t = 0)
     return mean + beta_tilde * noise  # the bug: beta_tilde as the std
 
 
