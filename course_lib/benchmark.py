@@ -6,8 +6,11 @@ Used by `scripts/bench.py` (the figures in docs/benchmarks.md) and by the chapte
 The sampler family and batched, timed drawing that the benchmark runs are in `course_lib.sampling`.
 """
 
+import hashlib
 import json
 import time
+from collections.abc import Callable, Iterable
+from datetime import date
 from pathlib import Path
 
 import torch
@@ -15,8 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from course_lib.data import data_dir, record_sha256, verify_file
 from course_lib.ddpm import Denoiser
-from course_lib.profiles import synchronize
+from course_lib.profiles import describe_machine, synchronize
 from course_lib.sampling import IMAGE_SHAPE
+from course_lib.weights import load_card
 
 # --- networks -------------------------------------------------------------------------------------------------
 
@@ -51,16 +55,32 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def gflops_per_image(model: torch.nn.Module, backward: bool = True) -> float:
-    """FLOPs of one 28 x 28 image through `model(xt, t)`, forward plus backward unless backward=False, counted by
-    torch's FlopCounterMode (a multiply-add counts 2)."""
+    """FLOPs of one 28 x 28 image through `model(xt, t)`, forward plus backward unless backward=False: see
+    `gflops_per_call`."""
+    return gflops_per_call(model, IMAGE_SHAPE, backward=backward)
+
+
+def gflops_per_call(
+    model: torch.nn.Module, shape: tuple[int, ...], cond: torch.Tensor | None = None, backward: bool = True
+) -> float:
+    """FLOPs of one input of `shape` through `model(xt, t)` (or `model(xt, t, cond)`, cond for a batch of one),
+    forward plus backward unless backward=False, counted by torch's FlopCounterMode (a multiply-add counts 2;
+    matrix products and convolutions only).
+
+    Attention runs under SDPA's MATH backend while counting: on CPU, torch's fused attention kernel has no FLOP
+    formula, and FlopCounterMode would count its products as zero (1.5% of the course UNet's forward, two thirds
+    of a small DiT's attention). `nets.dit.dit_gflops` counts a DiT by hand, and the tests check the two agree."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     device = next(model.parameters()).device
-    xt, t = torch.randn(1, *IMAGE_SHAPE, device=device), torch.tensor([10], device=device)
-    with FlopCounterMode(display=False) as counter:
+    xt, t = torch.randn(1, *shape, device=device), torch.full((1,), 500.0, device=device)
+    inputs = (xt, t) if cond is None else (xt, t, cond.to(device))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         if backward:
-            model(xt, t).sum().backward()
+            model(*inputs).sum().backward()
         else:
             with torch.no_grad():
-                model(xt, t)
+                model(*inputs)
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 1e9
 
@@ -125,3 +145,38 @@ def load_results(name: str) -> dict:
     path = results_path(name)
     verify_file(path, f"python scripts/bench.py {name}")
     return json.loads(path.read_text())
+
+
+# --- runs that finish one by one across sessions ----------------------------------------------------------------
+
+
+def card_digest(name: str) -> str:
+    """A shipped model's identity: the sha256 of its card (a retrained or continued run has another)."""
+    return hashlib.sha256((data_dir() / f"{name}.json").read_bytes()).hexdigest()
+
+
+def finished_runs(names: Iterable[str]) -> list[str]:
+    """Those of `names` whose exported card says their training finished, in the given order."""
+    return [
+        name
+        for name in names
+        if (data_dir() / f"{name}.json").exists() and load_card(name)["training"]["status"] == "finished"
+    ]
+
+
+def measure_new_runs(figure: str, names: Iterable[str], n: int, measure: Callable[[str], dict]) -> dict:
+    """data/benchmarks/FIGURE.json with every finished run of `names` measured at n: a run measured before at the
+    same n with the same card is kept, any other is measured (`measure(name)` -> its results) and saved at once,
+    so a study whose runs finish across sessions (chapters 11 and 12) is measured one run at a time, and a
+    stopped benchmark loses at most the run it was measuring. Returns the results, {"runs": {name: ...}, ...}."""
+    results = load_results(figure) if results_path(figure).exists() else {}
+    measured = results.setdefault("runs", {})
+    for name in finished_runs(names):
+        kept = measured.get(name)
+        if kept and kept["n"] == n and kept["card_sha256"] == card_digest(name):
+            print(f"{name}: measured before at n = {n}, kept", flush=True)
+            continue
+        measured[name] = {"card_sha256": card_digest(name), "n": n, **measure(name)}
+        results.update({"date": str(date.today()), "machine": describe_machine()})
+        save_results(figure, results)
+    return results

@@ -13,11 +13,13 @@ guidance_scale * (noise_pred_text - noise_pred_uncond)`); the paper's w is diffu
 For class labels 0..K-1 the null condition is the label K (`nets.unet.UNet(num_classes=K)`).
 """
 
+from collections.abc import Callable
+
 import torch
 
 from course_lib.captions import caption, tokenize
 from course_lib.ddpm import Denoiser
-from course_lib.sampling import draw_samples
+from course_lib.sampling import IMAGE_SHAPE, draw_flow_samples, draw_samples
 from course_lib.schedules import Schedule
 
 
@@ -119,6 +121,37 @@ def guided_samples(
         x0, spent = draw_samples(
             guided, schedule, "DDIM", steps, len(chunk), use_clipped_model_output=use_clipped_model_output, **options
         )
+        samples.append(x0)
+        seconds += spent
+    return torch.cat(samples), seconds
+
+
+def guided_flow_samples(
+    model: Callable[..., torch.Tensor],
+    conditions: torch.Tensor,
+    null: torch.Tensor,
+    scale: float,
+    solver: str,
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 50,
+    device: torch.device | str = "cpu",
+    shape: tuple[int, ...] = IMAGE_SHAPE,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, float]:
+    """`guided_samples` for a conditional velocity model (chapters 10 and 12): one sample per condition, guided at
+    `scale`, with the flow's Euler or Heun solver of `steps` steps (`sampling.draw_flow_samples`: Euler makes
+    `steps` calls of the guided model, each one or two network passes), in batches seeded like `guided_samples`;
+    a latent model samples x_T of `shape` and `decoder` turns its samples into digits. Returns the samples (CPU,
+    clamped to [-1, 1]) and the sampling time in seconds, the decoder's included."""
+    if len(conditions) < 1 or batch_size < 1:
+        raise ValueError(f"need at least one condition and batch_size >= 1; got {len(conditions)}, {batch_size}")
+    samples, seconds = [], 0.0
+    for batch, start in enumerate(range(0, len(conditions), batch_size)):
+        chunk = conditions[start : start + batch_size].to(device)
+        guided = Guided(model, chunk, null.to(device), scale)
+        options = dict(seed=seed + batch, batch_size=len(chunk), device=device, shape=shape, decoder=decoder)
+        x0, spent = draw_flow_samples(guided, solver, steps, len(chunk), **options)
         samples.append(x0)
         seconds += spent
     return torch.cat(samples), seconds

@@ -1,5 +1,6 @@
 r"""From the course to diffusers (chapter 9): our schedule as a scheduler config, our UNet as a diffusers model, the
-denoising loop of diffusers' pipelines, and a tiny, randomly initialised Stable Diffusion pipeline built offline.
+denoising loop of diffusers' pipelines, and a tiny, randomly initialised Stable Diffusion pipeline built offline;
+and (chapter 12) our DiT as diffusers' DiTTransformer2DModel, one block as its BasicTransformerBlock.
 
 Taught in notebooks/09_diffusers.ipynb. The module of course_lib that is built on diffusers (and, for the text
 encoder, transformers); the maths and the models never import them (`benchmark` only borrows UNet2DModel as the
@@ -47,6 +48,7 @@ from diffusers import (
     ConfigMixin,
     DDIMScheduler,
     DDPMScheduler,
+    DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     ModelMixin,
@@ -54,6 +56,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -61,6 +64,7 @@ from course_lib.captions import VOCABULARY
 from course_lib.checks import check_choice, check_steps
 from course_lib.data import IMAGE_SIZE
 from course_lib.ddpm import PREDICTION_TYPES
+from course_lib.nets.dit import DiT
 from course_lib.nets.unet import UNet
 from course_lib.sampling import SAMPLERS
 from course_lib.schedules import DIFFUSERS_BETA_SCHEDULE, Schedule, make_schedule
@@ -300,3 +304,126 @@ def tiny_stable_diffusion(seed: int = 0, image_size: int = 32) -> StableDiffusio
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+# --- the DiT as diffusers' DiTTransformer2DModel (chapter 12) -----------------------------------------------------
+#
+# How the parity is exact: diffusers' DiT gives every block its own copy of the time and label embedding
+# (`norm1.emb`, a CombinedTimestepLabelEmbeddings) and reads block 0's copy again for the final layer; the paper's
+# code, and ours, has one. Our one embedding is copied into every block's copy. Two settings of diffusers' DiT differ
+# from the paper's code and are set to the paper's: the MLP LayerNorm's eps (`norm_eps=1e-6`, a constructor argument)
+# and the spacing of the time sinusoids (`Timesteps(downscale_freq_shift=1)`, frequencies 10000^(-i / (half - 1)),
+# where the paper's TimestepEmbedder and `course_lib.nets.embedding.timestep_embedding` use 10000^(-i / half)); that
+# parameter-free attribute is set to 0 on each `time_proj` (`paper_time_sinusoids`). Nothing else is changed.
+
+
+def paper_time_sinusoids(module: torch.nn.Module) -> torch.nn.Module:
+    """Every `time_proj` of a diffusers DiT (or block) spaced as the paper's code spaces it (downscale_freq_shift
+    0), in place; returns the module."""
+    for name, submodule in module.named_modules():
+        if name.endswith("time_proj"):
+            submodule.downscale_freq_shift = 0
+    return module
+
+
+def dit_block_state(model: DiT, index: int) -> dict[str, torch.Tensor]:
+    """Block `index` of our DiT, with the model's time and label embedding, under BasicTransformerBlock's names
+    (our fused qkv split into to_q, to_k, to_v), detached copies."""
+    if model.class_emb is None:
+        raise ValueError("diffusers' DiT blocks embed a class label: the DiT needs num_classes")
+    block = model.blocks[index]
+    weights, biases = block.qkv.weight.chunk(3), block.qkv.bias.chunk(3)  # q, k, v: rows of the fused layer
+    embedding = "norm1.emb."
+    state = {
+        embedding + "timestep_embedder.linear_1.weight": model.time_mlp[0].weight,
+        embedding + "timestep_embedder.linear_1.bias": model.time_mlp[0].bias,
+        embedding + "timestep_embedder.linear_2.weight": model.time_mlp[2].weight,
+        embedding + "timestep_embedder.linear_2.bias": model.time_mlp[2].bias,
+        embedding + "class_embedder.embedding_table.weight": model.class_emb.weight,
+        "norm1.linear.weight": block.modulation.weight,
+        "norm1.linear.bias": block.modulation.bias,
+        **{f"attn1.to_{name}.weight": weight for name, weight in zip("qkv", weights, strict=True)},
+        **{f"attn1.to_{name}.bias": bias for name, bias in zip("qkv", biases, strict=True)},
+        "attn1.to_out.0.weight": block.proj.weight,
+        "attn1.to_out.0.bias": block.proj.bias,
+        "ff.net.0.proj.weight": block.mlp[0].weight,
+        "ff.net.0.proj.bias": block.mlp[0].bias,
+        "ff.net.2.weight": block.mlp[2].weight,
+        "ff.net.2.bias": block.mlp[2].bias,
+    }
+    return {key: value.detach().clone() for key, value in state.items()}
+
+
+def dit_state(model: DiT) -> dict[str, torch.Tensor]:
+    """Our DiT's state dict under diffusers' DiTTransformer2DModel names, detached copies."""
+    state = {
+        "pos_embed.proj.weight": model.patch_embed.weight,
+        "pos_embed.proj.bias": model.patch_embed.bias,
+        "proj_out_1.weight": model.final.modulation.weight,
+        "proj_out_1.bias": model.final.modulation.bias,
+        "proj_out_2.weight": model.final.linear.weight,
+        "proj_out_2.bias": model.final.linear.bias,
+    }
+    state = {key: value.detach().clone() for key, value in state.items()}
+    for index in range(len(model.blocks)):
+        state.update(
+            {f"transformer_blocks.{index}.{key}": value for key, value in dit_block_state(model, index).items()}
+        )
+    return state
+
+
+def diffusers_dit(model: DiT | dict, num_classes: int | None = None, paper_time: bool = True) -> DiTTransformer2DModel:
+    """diffusers' DiTTransformer2DModel of our DiT's configuration, in eval mode (no random label dropout): given a
+    DiT, with its weights and the paper's time sinusoids (paper_time=False leaves diffusers' own spacing, the one
+    difference left); given a configuration dict (DiT's keyword arguments) and num_classes, freshly initialised."""
+    config = (
+        model
+        if isinstance(model, dict)
+        else dict(
+            in_channels=model.in_channels,
+            input_size=model.input_size,
+            patch_size=model.patch_size,
+            width=model.width,
+            depth=model.depth,
+            heads=model.heads,
+        )
+    )
+    theirs = DiTTransformer2DModel(
+        num_attention_heads=config["heads"],
+        attention_head_dim=config["width"] // config["heads"],
+        in_channels=config["in_channels"],
+        out_channels=config["in_channels"],
+        num_layers=config["depth"],
+        sample_size=config["input_size"],
+        patch_size=config["patch_size"],
+        num_embeds_ada_norm=num_classes if isinstance(model, dict) else model.num_classes,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_eps=1e-6,
+    ).eval()
+    if paper_time:
+        paper_time_sinusoids(theirs)
+    if isinstance(model, DiT):
+        theirs = theirs.to(next(model.parameters()).dtype)
+        theirs.load_state_dict(dit_state(model), strict=True)
+    return theirs
+
+
+def diffusers_dit_block(model: DiT, index: int) -> BasicTransformerBlock:
+    """Block `index` of our DiT as diffusers' BasicTransformerBlock(norm_type="ada_norm_zero"), with the paper's
+    time sinusoids, in eval mode: it embeds (t, labels) itself with our time MLP and label table, so it maps
+    (tokens, t, labels) to what our block maps (tokens, c) to."""
+    theirs = BasicTransformerBlock(
+        model.width,
+        model.heads,
+        model.width // model.heads,
+        norm_type="ada_norm_zero",
+        num_embeds_ada_norm=model.num_classes,
+        activation_fn="gelu-approximate",
+        attention_bias=True,
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    theirs = paper_time_sinusoids(theirs).to(next(model.parameters()).dtype).eval()
+    theirs.load_state_dict(dit_block_state(model, index), strict=True)
+    return theirs

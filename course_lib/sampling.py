@@ -129,15 +129,18 @@ def draw_flow_samples(
     seed: int = 0,
     batch_size: int = 50,
     device: torch.device | str = "cpu",
+    shape: tuple[int, ...] = IMAGE_SHAPE,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """n digits from a velocity model (`course_lib.flow`) with the Euler or Heun solver of `steps` steps (Euler:
     `steps` network calls; Heun: 2 * steps - 1), in batches, and the wall time: the same noise, batches and
     clamping as `draw_samples` with the same seed, so a flow model and an eps model can be compared sample for
-    sample. A model that declares a prediction_type other than "velocity" is refused."""
+    sample. A latent flow model samples x_T of `shape` and `decoder` (timed too) turns its samples into digits, as
+    in `draw_samples`. A model that declares a prediction_type other than "velocity" is refused."""
     check_choice("solver", solver, FLOW_SOLVERS)
     check_model_predicts(model, "velocity")
     solve = heun_flow_sample if solver == "heun" else euler_flow_sample
-    return _draw_in_batches(lambda x_T, _: solve(model, x_T, steps)[0], n, seed, batch_size, device, IMAGE_SHAPE)
+    return _draw_in_batches(lambda x_T, _: solve(model, x_T, steps)[0], n, seed, batch_size, device, shape, decoder)
 
 
 @torch.no_grad()

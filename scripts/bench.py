@@ -26,6 +26,9 @@ Figures:
     comparison   chapter 11's equal-budget runs through one frame: each finished run's best ODE solver at 10, 20 and
                  50 network calls and a many-step reference, FID with spread (also data/benchmarks/comparison.json;
                  runs measured before are kept)
+    transformer  chapter 12's study: each finished DiT and the latent UNet, class-conditional flow on latents:
+                 parameters, GFLOPs, training compute and time, ms per image, FID with spread and accuracy at
+                 guidance 1 and 2 (also data/benchmarks/transformer.json; runs measured before are kept)
 """
 
 import argparse
@@ -62,6 +65,7 @@ from course_lib.weights import load_card, load_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comparison import comparison  # noqa: E402
 from bench_conditional import captions, guidance  # noqa: E402
+from bench_transformer import transformer  # noqa: E402
 from report import replace_section  # noqa: E402
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -326,6 +330,7 @@ FIGURES = {
     "flow": flow,
     "captions": captions,
     "comparison": comparison,
+    "transformer": transformer,
 }
 SAMPLED = (
     "samplers",
@@ -335,6 +340,7 @@ SAMPLED = (
     "flow",
     "captions",
     "comparison",
+    "transformer",
 )  # the figures that take --samples
 
 

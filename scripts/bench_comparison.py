@@ -11,14 +11,9 @@ same card, is kept, not measured again: the runs finish one by one across sessio
 n = 300 on one thread).
 """
 
-import hashlib
-from datetime import date
-
-from course_lib.benchmark import load_results, results_path, save_results
-from course_lib.data import data_dir
+from course_lib.benchmark import measure_new_runs
 from course_lib.frame import ODE_SOLVERS, denoiser, solver_steps
 from course_lib.metrics import load_digit_classifier, sample_scores
-from course_lib.profiles import describe_machine
 from course_lib.recipes import COMPARISON, RECIPES
 from course_lib.sampling import draw_ode_samples
 from course_lib.schedules import make_schedule
@@ -33,20 +28,6 @@ def calls_made(solver: str, budget: int) -> int:
     """The network calls a solver makes within a budget (Heun: 2N - 1 for N levels)."""
     steps = solver_steps(solver, budget)
     return 2 * steps - 1 if solver == "heun" else steps
-
-
-def card_digest(name: str) -> str:
-    """A run's identity: the sha256 of its card (a retrained run has another)."""
-    return hashlib.sha256((data_dir() / f"{name}.json").read_bytes()).hexdigest()
-
-
-def finished_runs() -> list[str]:
-    """The comparison's runs whose exported card says finished, in the recipes' order."""
-    return [
-        name
-        for name in COMPARISON
-        if (data_dir() / f"{name}.json").exists() and load_card(name)["training"]["status"] == "finished"
-    ]
 
 
 def measure(name: str, n: int, classifier) -> dict:
@@ -65,13 +46,11 @@ def measure(name: str, n: int, classifier) -> dict:
             print(f"{name}, {SOLVER_NAMES[solver]} {runs[-1]['calls']} calls: FID {scores['fid']:.2f}", flush=True)
     training = card["training"]
     return {
-        "card_sha256": card_digest(name),
         "about": card["about"],
         "prediction_type": card["prediction_type"],
         "images_seen": training["images_seen"],
         "wall_minutes": training["wall_minutes"],
         "training_machine": training["machine"],
-        "n": n,
         "runs": runs,
     }
 
@@ -84,16 +63,7 @@ def best(result: dict, budget: int) -> dict:
 def comparison(n: int) -> list[str]:
     """Measure each finished run not yet measured (at this n, with this card), then write the table of all."""
     classifier = load_digit_classifier()
-    results = load_results("comparison") if results_path("comparison").exists() else {}
-    measured = results.setdefault("runs", {})
-    for name in finished_runs():
-        kept = measured.get(name)
-        if kept and kept["n"] == n and kept["card_sha256"] == card_digest(name):
-            print(f"{name}: measured before at n = {n}, kept", flush=True)
-            continue
-        measured[name] = measure(name, n, classifier)
-        results.update({"date": str(date.today()), "machine": describe_machine()})
-        save_results("comparison", results)
+    measured = measure_new_runs("comparison", COMPARISON, n, lambda name: measure(name, n, classifier))["runs"]
     waiting = [name for name in COMPARISON if name not in measured]
     rows = []
     for name in COMPARISON:

@@ -217,6 +217,16 @@ def status(recipes: list[Recipe]) -> list[str]:
     return header + rows
 
 
+GROUP_TITLES = {"comparison": "Chapter 11's equal-budget comparison", "transformer": "Chapter 12's transformer study"}
+GROUP_ABOUT = {
+    "comparison": "Each run: the course UNet from scratch, seed 0, 2,000 steps of 128 images (256,000), AdamW 2e-3 "
+    "with warm-up and cosine decay, EMA 0.999.",
+    "transformer": "Each run: a class-conditional flow model (logit-normal t, 10% of labels dropped) from scratch on "
+    "`vae_mnist`'s latents, seed 0, 2,000 steps of 128 latents (256,000), AdamW 1e-3 with warm-up and cosine decay, "
+    "EMA 0.999.",
+}
+
+
 def stop_on_signals() -> None:
     """SIGTERM (kill, a session or job ending) and SIGINT (Ctrl-C) raise KeyboardInterrupt, on which `train` saves
     its checkpoint. A shell starts background jobs with SIGINT ignored, and Python then installs no handler for
@@ -245,7 +255,7 @@ def main() -> None:
     parser.add_argument(
         "--status",
         action="store_true",
-        help="print where each run stands (and, for the comparison, write it into docs/benchmarks.md); trains nothing",
+        help="print where each run stands (and, for a group, write it into docs/benchmarks.md); trains nothing",
     )
     parser.add_argument(
         "--mixed-precision",
@@ -256,19 +266,18 @@ def main() -> None:
     recipes = [RECIPES[name] for name in GROUPS[args.recipe]] if args.recipe in GROUPS else [RECIPES[args.recipe]]
     if args.status:
         table = status(recipes)
-        if args.recipe == "comparison":
+        if args.recipe in GROUPS:
             lines = [
-                "### Chapter 11's equal-budget comparison: training progress",
+                f"### {GROUP_TITLES[args.recipe]}: training progress",
                 "",
-                f"`python scripts/train_unet.py --recipe comparison --status` on {describe_machine()}, "
-                f"{time.strftime('%Y-%m-%d')}. Each run: the course UNet from scratch, seed 0, 2,000 steps of 128 "
-                "images (256,000), AdamW 2e-3 with warm-up and cosine decay, EMA 0.999; trained with "
-                "`--recipe comparison --threads 1 --budget-minutes N`, one run after another, resumed across "
-                "sessions. Wall minutes were measured on a CPU shared with other jobs: compare them only roughly.",
+                f"`python scripts/train_unet.py --recipe {args.recipe} --status` on {describe_machine()}, "
+                f"{time.strftime('%Y-%m-%d')}. {GROUP_ABOUT[args.recipe]} Trained with `--recipe {args.recipe} "
+                "--threads 1 --budget-minutes N`, one run after another, resumed across sessions. Wall minutes were "
+                "measured on a CPU shared with other jobs: compare them only roughly.",
                 "",
                 *table,
             ]
-            replace_section(ROOT / "docs" / "benchmarks.md", "comparison-progress", lines)
+            replace_section(ROOT / "docs" / "benchmarks.md", f"{args.recipe}-progress", lines)
         return
     if args.budget_minutes < 0:
         parser.error(f"--budget-minutes must be >= 0 (0: train nothing, e.g. with --export); got {args.budget_minutes}")

@@ -1,11 +1,17 @@
-"""scripts/bench_comparison.py: runs are measured once per card and n, and the table shows each budget's best."""
+"""scripts/bench_comparison.py and bench_transformer.py: runs are measured once per card and n
+(`benchmark.measure_new_runs`), and each table shows what it says."""
 
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from course_lib import benchmark
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench_comparison  # noqa: E402
+import bench_transformer  # noqa: E402
 
 
 def fake_result(name: str, n: int, fid_shift: float) -> dict:
@@ -26,25 +32,30 @@ def fake_result(name: str, n: int, fid_shift: float) -> dict:
                 }
             )
     return {
-        "card_sha256": f"card of {name}",
         "about": f"objective of {name}",
         "prediction_type": "eps",
         "images_seen": 256_000,
         "wall_minutes": 70.0,
         "training_machine": "test",
-        "n": n,
         "runs": runs,
     }
 
 
-def test_runs_are_measured_once_per_card_and_n(monkeypatch):
-    stored, measured = {}, []
-    monkeypatch.setattr(bench_comparison, "finished_runs", lambda: ["cmp_eps", "cmp_v"])
-    monkeypatch.setattr(bench_comparison, "card_digest", lambda name: f"card of {name}")
+@pytest.fixture
+def results_store(monkeypatch):
+    """benchmark.measure_new_runs' files replaced by a dict; every run's card is "card of NAME"."""
+    stored = {}
+    monkeypatch.setattr(benchmark, "card_digest", lambda name: f"card of {name}")
+    monkeypatch.setattr(benchmark, "results_path", lambda name: SimpleNamespace(exists=lambda: name in stored))
+    monkeypatch.setattr(benchmark, "load_results", lambda name: stored[name])
+    monkeypatch.setattr(benchmark, "save_results", lambda name, results: stored.update({name: results}))
+    return stored
+
+
+def test_runs_are_measured_once_per_card_and_n(monkeypatch, results_store):
+    measured = []
+    monkeypatch.setattr(benchmark, "finished_runs", lambda names: ["cmp_eps", "cmp_v"])
     monkeypatch.setattr(bench_comparison, "load_digit_classifier", lambda: None)
-    monkeypatch.setattr(bench_comparison, "results_path", lambda name: SimpleNamespace(exists=lambda: bool(stored)))
-    monkeypatch.setattr(bench_comparison, "load_results", lambda name: stored["comparison"])
-    monkeypatch.setattr(bench_comparison, "save_results", lambda name, results: stored.update({name: results}))
 
     def measure(name, n, classifier):
         measured.append((name, n))
@@ -65,3 +76,43 @@ def test_runs_are_measured_once_per_card_and_n(monkeypatch):
 def test_heun_makes_an_odd_number_of_calls_within_the_budget():
     assert [bench_comparison.calls_made("heun", b) for b in (10, 20, 50, 199)] == [9, 19, 49, 199]
     assert bench_comparison.calls_made("dpmpp_2m", 20) == 20
+
+
+def test_a_changed_card_is_measured_again(monkeypatch, results_store):
+    digests = {"dit_s": "first card"}
+    monkeypatch.setattr(benchmark, "card_digest", lambda name: digests[name])
+    monkeypatch.setattr(benchmark, "finished_runs", lambda names: ["dit_s"])
+    measured = []
+    measure = lambda name: measured.append(name) or {"value": len(measured)}  # noqa: E731
+    assert benchmark.measure_new_runs("study", ["dit_s"], 10, measure)["runs"]["dit_s"]["value"] == 1
+    benchmark.measure_new_runs("study", ["dit_s"], 10, measure)
+    digests["dit_s"] = "a continued run's card"
+    results = benchmark.measure_new_runs("study", ["dit_s"], 10, measure)
+    assert measured == ["dit_s", "dit_s"] and results["runs"]["dit_s"]["card_sha256"] == "a continued run's card"
+
+
+def fake_transformer_result(name: str, fid: float) -> dict:
+    run = dict(fid_sd=0.5, fid_floor=1.0, fid_floor_sd=0.3, confident_fraction=0.9, ms_per_image=2.0)
+    return {
+        "about": f"about {name}",
+        "network": "DiT" if name.startswith("dit") else "UNet",
+        "parameters": 330_000,
+        "gflops_per_call": 0.0123,
+        "training_pflops": 4.56,
+        "wall_minutes": 10.0,
+        "runs": [
+            {"scale": 1.0, "fid": fid, "accuracy": 0.8, **run},
+            {"scale": bench_transformer.GUIDED, "fid": fid + 1, "accuracy": 0.95, **run},
+        ],
+    }
+
+
+def test_the_transformer_table_shows_each_scale_of_each_finished_run(monkeypatch, results_store):
+    monkeypatch.setattr(benchmark, "finished_runs", lambda names: ["latent_unet_flow_class", "dit_s"])
+    monkeypatch.setattr(bench_transformer, "load_digit_classifier", lambda: None)
+    monkeypatch.setattr(bench_transformer, "measure", lambda name, n, c: fake_transformer_result(name, 3.0))
+    lines = bench_transformer.transformer(300)
+    row = next(line for line in lines if line.startswith("| `dit_s`"))
+    assert "| DiT | 0.33 M | 0.012 | 4.6 | 10 | 2.0 | 3.00 ± 0.50 | 4.00 ± 0.50 | 0.800 / 0.950 | 0.900 |" in row
+    assert "(floor 1.00 ± 0.30)" in lines[0]
+    assert "Not finished yet: `dit_m`" in lines[-1] and "`dit_l`" in lines[-1]

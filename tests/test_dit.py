@@ -1,29 +1,24 @@
 """course_lib.nets.dit: the DiT equal to diffusers' DiTTransformer2DModel, its positions, adaLN-Zero at
 initialisation, shapes and refused inputs, a flow-matching loss that falls, its FLOP count, and its card.
 
-How the parity is exact: diffusers' DiT gives every block its own copy of the time and label embedding
-(`norm1.emb`, a CombinedTimestepLabelEmbeddings) and reads block 0's copy again for the final layer; the paper's
-code, and ours, has one. Our one embedding is copied into every block's copy. Two settings of diffusers' DiT differ
-from the paper's code and are set to the paper's: the MLP LayerNorm's eps (`norm_eps=1e-6`, a constructor argument)
-and the spacing of the time sinusoids (`Timesteps(downscale_freq_shift=1)`, frequencies 10000^(-i / (half - 1)),
-where the paper's TimestepEmbedder and `course_lib.nets.embedding.timestep_embedding` use 10000^(-i / half)); that
-parameter-free attribute is set to 0 on each block's `time_proj`. Nothing else is changed.
+How the parity is exact (the weight mapping is `course_lib.interop.diffusers_dit`, whose comment says why): one time
+and label embedding copied into each of diffusers' blocks, the MLP LayerNorm's eps and the time sinusoids' spacing
+set to the paper's. Nothing else is changed.
 """
 
 from contextlib import nullcontext
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
-from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from course_lib.benchmark import gflops_per_image, parameter_count
+from course_lib.benchmark import gflops_per_call, gflops_per_image, parameter_count
 from course_lib.data import read_manifest
 from course_lib.flow import euler_flow_sample
-from course_lib.guidance import Guided
+from course_lib.guidance import Guided, guided_flow_samples
+from course_lib.interop import diffusers_dit, diffusers_dit_block
 from course_lib.nets.dit import DiT, dit_gflops, sincos_pos_embed
 from course_lib.nets.embedding import timestep_embedding
 from course_lib.recipes import Recipe, build, model_class
@@ -45,70 +40,6 @@ def randomise_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def to_diffusers_state(model: DiT) -> dict:
-    """Our state dict under diffusers' DiTTransformer2DModel names (our fused qkv split into to_q, to_k, to_v)."""
-    state = {"pos_embed.proj.weight": model.patch_embed.weight, "pos_embed.proj.bias": model.patch_embed.bias}
-    for index, block in enumerate(model.blocks):
-        prefix = f"transformer_blocks.{index}."
-        state.update({prefix + key: value for key, value in block_state(model, block).items()})
-    state.update(
-        {
-            "proj_out_1.weight": model.final.modulation.weight,
-            "proj_out_1.bias": model.final.modulation.bias,
-            "proj_out_2.weight": model.final.linear.weight,
-            "proj_out_2.bias": model.final.linear.bias,
-        }
-    )
-    return {key: value.detach().clone() for key, value in state.items()}
-
-
-def block_state(model: DiT, block) -> dict:
-    """One of our blocks, with the model's time and label embedding, under BasicTransformerBlock's names."""
-    weights, biases = block.qkv.weight.chunk(3), block.qkv.bias.chunk(3)  # q, k, v: rows of the fused layer
-    embedding = "norm1.emb."
-    return {
-        embedding + "timestep_embedder.linear_1.weight": model.time_mlp[0].weight,
-        embedding + "timestep_embedder.linear_1.bias": model.time_mlp[0].bias,
-        embedding + "timestep_embedder.linear_2.weight": model.time_mlp[2].weight,
-        embedding + "timestep_embedder.linear_2.bias": model.time_mlp[2].bias,
-        embedding + "class_embedder.embedding_table.weight": model.class_emb.weight,
-        "norm1.linear.weight": block.modulation.weight,
-        "norm1.linear.bias": block.modulation.bias,
-        **{f"attn1.to_{name}.weight": weight for name, weight in zip("qkv", weights, strict=True)},
-        **{f"attn1.to_{name}.bias": bias for name, bias in zip("qkv", biases, strict=True)},
-        "attn1.to_out.0.weight": block.proj.weight,
-        "attn1.to_out.0.bias": block.proj.bias,
-        "ff.net.0.proj.weight": block.mlp[0].weight,
-        "ff.net.0.proj.bias": block.mlp[0].bias,
-        "ff.net.2.weight": block.mlp[2].weight,
-        "ff.net.2.bias": block.mlp[2].bias,
-    }
-
-
-def paper_time_sinusoids(module: torch.nn.Module) -> torch.nn.Module:
-    """Every `time_proj` of diffusers' DiT spaced as the paper's code spaces it (downscale_freq_shift 0)."""
-    for name, submodule in module.named_modules():
-        if name.endswith("time_proj"):
-            submodule.downscale_freq_shift = 0
-    return module
-
-
-def diffusers_dit(config: dict, num_classes: int) -> DiTTransformer2DModel:
-    return DiTTransformer2DModel(
-        num_attention_heads=config["heads"],
-        attention_head_dim=config["width"] // config["heads"],
-        in_channels=config["in_channels"],
-        out_channels=config["in_channels"],
-        num_layers=config["depth"],
-        sample_size=config["input_size"],
-        patch_size=config["patch_size"],
-        num_embeds_ada_norm=num_classes,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-        norm_eps=1e-6,
-    )
-
-
 def inputs(config: dict, n: int = 3, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     shape = (n, config["in_channels"], config["input_size"], config["input_size"])
@@ -126,22 +57,21 @@ def test_the_whole_dit_equals_diffusers_dit(config):
     """End to end, the same weights and inputs (see the module docstring for the mapping and the two settings).
     Measured on CPU: bit for bit equal in float32, 2e-15 apart in float64 (outputs of mean size 0.9, max 4)."""
     ours = randomise_zero_layers(DiT(**config, num_classes=10)).eval()
-    theirs = paper_time_sinusoids(diffusers_dit(config, num_classes=10)).eval()  # eval: no random label dropout
-    theirs.load_state_dict(to_diffusers_state(ours), strict=True)
+    theirs = diffusers_dit(ours)  # eval: no random label dropout
     xt, t, labels = inputs(config)
     with torch.no_grad():
         expected, got = theirs(xt, t, labels).sample, ours(xt, t, labels)
         assert expected.abs().mean() > 0.1  # a real output, not zeros
         assert (got - expected).abs().max() < 1e-6
-        ours, theirs = ours.double(), theirs.double()
+        ours = ours.double()
+        theirs = diffusers_dit(ours)
         assert (ours(xt.double(), t, labels) - theirs(xt.double(), t, labels).sample).abs().max() < 1e-12
 
 
 def test_diffusers_time_sinusoids_are_the_one_difference_left():
     """Without the spacing set to the paper's, diffusers' DiT gives another output on the same weights."""
     ours = randomise_zero_layers(DiT(**LATENT, num_classes=10)).eval()
-    theirs = diffusers_dit(LATENT, num_classes=10).eval()
-    theirs.load_state_dict(to_diffusers_state(ours))
+    theirs = diffusers_dit(ours, paper_time=False)
     xt, t, labels = inputs(LATENT)
     with torch.no_grad():
         assert (ours(xt, t, labels) - theirs(xt, t, labels).sample).abs().max() > 1e-3
@@ -152,20 +82,7 @@ def test_one_block_equals_diffusers_basic_transformer_block():
     table, it computes our c from (t, labels), and the block then maps the same tokens to the same tokens: the
     level is (tokens, t, labels) in, tokens out. Measured on CPU: 4e-16 apart in float64 (bit for bit in float32)."""
     model = randomise_zero_layers(DiT(**LATENT, num_classes=10)).double().eval()
-    block = model.blocks[0]
-    theirs = BasicTransformerBlock(
-        LATENT["width"],
-        LATENT["heads"],
-        LATENT["width"] // LATENT["heads"],
-        norm_type="ada_norm_zero",
-        num_embeds_ada_norm=10,
-        activation_fn="gelu-approximate",
-        attention_bias=True,
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-    )
-    theirs = paper_time_sinusoids(theirs).double().eval()
-    theirs.load_state_dict({key: value.detach() for key, value in block_state(model, block).items()}, strict=True)
+    block, theirs = model.blocks[0], diffusers_dit_block(model, 0)
     tokens = torch.randn(3, 49, LATENT["width"], dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     _, t, labels = inputs(LATENT)
     with torch.no_grad():
@@ -269,7 +186,7 @@ def test_bad_inputs_are_refused_by_name():
 def test_diffusers_crops_what_its_patches_do_not_cover():
     """Why ours refuses a patch size that does not divide the input: diffusers' DiT (as timm's PatchEmbed under the
     paper's code) drops the last row and column of a 7 x 7 input with patch 2, and returns 6 x 6."""
-    theirs = diffusers_dit({**LATENT, "patch_size": 2}, num_classes=10).eval()
+    theirs = diffusers_dit({**LATENT, "patch_size": 2}, num_classes=10)
     xt, t, labels = inputs(LATENT)
     with torch.no_grad():
         assert theirs(xt, t, labels).sample.shape == (3, 4, 6, 6)
@@ -302,6 +219,25 @@ def test_guided_flow_sampling_runs_through_the_dit():
     assert (guided - conditional).abs().max() > 1e-3
 
 
+def test_guided_flow_samples_start_from_the_seeded_noise_and_decode():
+    """guidance.guided_flow_samples at scale 1 is the conditional model sampled from draw_flow_samples' noise, in
+    its batches (batch b seeded seed + b), with the decoder applied after the solver; scale 2 differs."""
+    model = randomise_zero_layers(DiT(**LATENT, num_classes=10)).eval()
+    labels, null = torch.tensor([0, 1, 2, 3, 4]), torch.tensor([10])
+    decoder = lambda z: z[:, :1].repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :28, :28].tanh()  # noqa: E731
+    samples, seconds = guided_flow_samples(
+        model, labels, null, 1.0, "euler", 3, seed=7, batch_size=3, shape=(4, 7, 7), decoder=decoder
+    )
+    expected = []
+    for batch, chunk in enumerate(labels.split(3)):
+        x1 = torch.randn(len(chunk), 4, 7, 7, generator=torch.Generator().manual_seed(7 + batch))
+        expected.append(decoder(euler_flow_sample(model, x1, steps=3, cond=chunk)[0]))
+    assert samples.shape == (5, 1, 28, 28) and seconds > 0
+    assert torch.equal(samples, torch.cat(expected).clamp(-1, 1))
+    guided, _ = guided_flow_samples(model, labels, null, 2.0, "euler", 3, seed=7, shape=(4, 7, 7), decoder=decoder)
+    assert (guided - samples).abs().max() > 1e-4
+
+
 def counted_gflops(model: DiT, backward: bool, math_attention: bool) -> float:
     """torch's FlopCounterMode on one input of the model's shape, as benchmark.gflops_per_image counts."""
     xt, t = torch.randn(1, model.in_channels, model.input_size, model.input_size), torch.tensor([10.0])
@@ -329,9 +265,13 @@ def test_the_flop_count_by_hand_equals_torchs_count(config):
             pytest.approx(dit_gflops(model, backward)),
             pytest.approx(dit_gflops(model, backward) - attention),
         )
-    if config["input_size"] == 28 and config["in_channels"] == 1:  # the benchmark's function takes 28 x 28 digits
-        with sdpa_kernel([SDPBackend.MATH]):
-            assert gflops_per_image(model) == pytest.approx(dit_gflops(model), rel=1e-12)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    for backward in (False, True):  # the benchmark's counter switches to the MATH backend itself
+        assert gflops_per_call(model, shape, backward=backward) == pytest.approx(dit_gflops(model, backward), rel=1e-12)
+    if config["input_size"] == 28 and config["in_channels"] == 1:  # gflops_per_image takes 28 x 28 digits
+        assert gflops_per_image(model) == pytest.approx(dit_gflops(model), rel=1e-12)
+    labelled = DiT(**config, num_classes=10)  # the label lookup adds no products
+    assert gflops_per_call(labelled, shape, torch.tensor([3])) == pytest.approx(dit_gflops(labelled), rel=1e-12)
 
 
 def test_a_hand_count_for_one_tiny_config():
