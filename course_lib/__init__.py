@@ -43,6 +43,8 @@ One concept per module, in the order the course teaches them:
                 base steered through its decoder (ControlledUNet)
     editing     img2img / SDEdit (diffusers' img2img timesteps), RePaint inpainting,       chapter 13
                 classifier guidance with a noise-aware classifier
+    personalize a new concept (barred digits) from a few examples: textual inversion, chapter 14
+                DreamBooth with prior preservation, DreamBooth-LoRA; their files
     symptoms    what a set-up shows when measured: data range, the timestep and target a    chapter 15
                 model fits, latent spread, class shares, the classifier's mode (Finding)
     diagnose    the pipeline's settings checked (sampler steps, schedule, posterior         chapter 15

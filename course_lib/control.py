@@ -5,7 +5,9 @@ to Text-to-Image Diffusion Models" (ControlNet). img2img / SDEdit, inpainting an
 half of the chapter, are in `course_lib.editing`.
 
 The control images are computed from the digits by code (`edge_map`: each digit's outline), so that how well a
-sample follows its control is a number (`edge_agreement`), not an impression.
+sample follows its control is a number (`edge_agreement`), not an impression. The shipped ControlNet on those
+outlines, data/controlnet_edges (trained by scripts/train_control.py on the frozen data/unet_mnist_eps), loads with
+`load_controlnet("controlnet_edges")`.
 
 ControlNet keeps the trained UNet frozen and trains a copy of its way down (input convolution, time and condition
 embedding, the down levels and the middle), initialised with the frozen weights. The copy reads the noisy image
@@ -29,6 +31,7 @@ Code name -> paper symbol:
 
 import copy
 from itertools import pairwise
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,7 @@ from torch import nn
 from course_lib.checks import check_images
 from course_lib.ddpm import Denoiser
 from course_lib.nets.unet import UNet, zero_init
+from course_lib.weights import load_card, load_model, load_weights
 
 # --- control images computed from the digits -------------------------------------------------------------------
 
@@ -229,3 +233,32 @@ def controlnet_parameter_count(controlnet: ControlNet, base: UNet) -> dict[str, 
     n_control = sum(parameter.numel() for parameter in controlnet.parameters())
     n_base = sum(parameter.numel() for parameter in base.parameters())
     return {"controlnet": n_control, "base": n_base, "share": n_control / n_base}
+
+
+# --- shipped ControlNets ----------------------------------------------------------------------------------------
+
+
+def controlnet_options(card: dict, name: str) -> dict:
+    """The keyword arguments of `ControlNet` besides its base, from a ControlNet card's "controlnet" entry (lists
+    back to tuples); raises naming the card and what it lacks."""
+    missing = [key for key in ("base", "controlnet") if key not in card]
+    if missing:
+        raise ValueError(
+            f"{name}.json is not a ControlNet card: it lacks {missing} (the base model's name and the ControlNet's "
+            f"options, as scripts/train_control.py writes them); its fields: {sorted(card)}"
+        )
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in card["controlnet"].items()}
+
+
+def load_controlnet(name: str, device: torch.device | str = "cpu", folder: Path | None = None) -> ControlledUNet:
+    """A shipped ControlNet on its frozen base, ready to sample: model(xt, t, control, scale) or model.bind(control).
+
+    The file data/NAME.safetensors holds the ControlNet's weights only (its copy of the way down, the hint encoder,
+    the zero convolutions); the card names the base, which is loaded as any shipped model (`weights.load_model`).
+    Building the ControlNet copies the base's way down; the trained weights are loaded after that, over the copy
+    (building it after loading would throw them away). Both files are checked against the manifest."""
+    card = load_card(name, folder)
+    options = controlnet_options(card, name)
+    base = load_model(card["base"], device, folder)
+    controlnet = load_weights(ControlNet(base, **options), name, folder)  # the trained weights over the copy
+    return ControlledUNet(base, controlnet).eval()

@@ -295,3 +295,38 @@ def noisy_classifier_loss(
     t = torch.randint(0, schedule.T, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
     xt = q_sample(schedule, x0, t, randn_like(x0, generator))
     return F.cross_entropy(classifier(xt, t), labels)
+
+
+@torch.no_grad()
+def noisy_class_accuracy(
+    classifier: nn.Module,
+    schedule: Schedule,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: tuple[int, ...],
+    generator: torch.Generator | None = None,
+    batch_size: int = 500,
+) -> dict[int, float]:
+    r"""How often a noisy-image classifier names the right digit at each noise level: {t: accuracy} for each t in
+    `timesteps`, the share of `images` whose argmax over classifier(x_t, t) is their label, with
+    $x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1 - \bar\alpha_t}\,\epsilon$ (`forward.q_sample`, one fresh eps per image).
+
+    At t = 0 the digits are nearly clean; towards T - 1 nothing of them is left and the accuracy falls to chance
+    (1 / K): how fast it falls says up to which noise level classifier guidance has a useful gradient. The
+    generator draws each t's noise for all images, in the order of `timesteps`. images (N, 1, H, W), labels (N,).
+    """
+    if isinstance(classifier, nn.Module) and classifier.training:
+        raise ValueError("the classifier is in training mode (dropout, batch statistics): call .eval() first")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"need one label per image: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    accuracies = {}
+    for t in timesteps:
+        check_timesteps(t, schedule.T)
+        t_batch = torch.full((len(images),), int(t), dtype=torch.long, device=images.device)  # (N,)
+        xt = q_sample(schedule, images, t_batch, randn_like(images, generator))  # (N, 1, H, W)
+        batches = range(0, len(xt), batch_size)
+        predicted = torch.cat(
+            [classifier(xt[i : i + batch_size], t_batch[i : i + batch_size]).argmax(-1) for i in batches]
+        )
+        accuracies[int(t)] = (predicted == labels.to(predicted.device)).float().mean().item()
+    return accuracies

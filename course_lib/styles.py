@@ -1,7 +1,8 @@
-"""Measurable styles made from the digits (chapter 8): bold strokes and a slant to the right.
+"""Measurable styles made from the digits (chapter 8): bold strokes and a slant to the right; and chapter 14's new
+concept, a bar struck through the digit.
 
 A LoRA fine-tune teaches the shipped digit model one of these from a few hundred restyled digits; because each
-style moves one of the measurements of `course_lib.captions` (stroke thickness, slant), how far a model has
+style moves one of the measurements of `course_lib.captions` (stroke thickness, slant, the bar), how far a model has
 taken on a style is a number, not an impression.
 """
 
@@ -30,6 +31,21 @@ def shear(images: torch.Tensor, amount: float) -> torch.Tensor:
     theta = torch.tensor([[1.0, amount * H / W, 0.0], [0.0, 1.0, 0.0]], dtype=images.dtype, device=images.device)
     grid = F.affine_grid(theta.expand(B, 2, 3), list(images.shape), align_corners=False)
     return F.grid_sample(images + 1, grid, padding_mode="zeros", align_corners=False) - 1
+
+
+BAR_ROWS = (13, 15)  # the rows the bar covers (the middle two of 28), as a slice: start, stop
+BAR_COLUMNS = (2, 26)  # the columns it spans: 24 of 28, wider than the 20 x 20 box an MNIST digit is drawn in
+
+
+def strike_bar(images: torch.Tensor) -> torch.Tensor:
+    """Chapter 14's new concept, "barred" digits: a horizontal bar of full ink, two pixels high, struck through the
+    middle of the image (rows BAR_ROWS, columns BAR_COLUMNS) over the digit. The bar is wider than any digit's
+    strokes, so `course_lib.captions.measure_bar` tells it from a digit's own horizontal strokes. Images
+    (B, 1, H, W) in [-1, 1], the same shape back."""
+    check_images(images)  # (B, 1, 28, 28): the bar is placed for the course's digits
+    barred = images.clone()
+    barred[..., slice(*BAR_ROWS), slice(*BAR_COLUMNS)] = 1.0  # full ink
+    return barred
 
 
 def balanced_digits(per_class: int, split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
