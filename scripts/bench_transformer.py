@@ -17,6 +17,7 @@ import torch
 from course_lib.benchmark import gflops_per_call, measure_new_runs, parameter_count
 from course_lib.guidance import guided_flow_samples
 from course_lib.metrics import class_accuracy, load_digit_classifier, sample_scores
+from course_lib.nets.vae import latent_decoder
 from course_lib.recipes import RECIPES, TRANSFORMER_STUDY
 from course_lib.sampling import LATENT_SHAPE
 from course_lib.weights import load_card, load_model
@@ -26,16 +27,10 @@ SCALES = (1.0, 2.0)  # conditional, and guided at chapter 7's best trade-off of 
 GUIDED = SCALES[1]
 
 
-def latent_decoder(card: dict):
-    """z0 -> digits: the card's VAE decoding the unscaled latents."""
-    vae, scale = load_model(card["latents"]["vae"]), card["latents"]["scaling_factor"]
-    return lambda z0: vae.decode(z0 / scale)
-
-
 def measure(name: str, n: int, classifier) -> dict:
     """One run's cost and its samples at every guidance scale, from the same noise and labels."""
     card, model = load_card(name), load_model(name)
-    decoder = latent_decoder(card)
+    decoder = latent_decoder(load_model(card["latents"]["vae"]), card["latents"]["scaling_factor"])
     num_classes = card["model"]["num_classes"]
     labels, null = torch.arange(n) % num_classes, torch.tensor([num_classes])  # (n,) balanced; the "no label" label
     one_label = torch.tensor([0])

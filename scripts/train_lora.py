@@ -5,6 +5,9 @@
     python scripts/train_lora.py --style bold --compare       also a full fine-tune of the same steps; measure both
     python scripts/train_lora.py --style bold --report        rewrite docs/benchmarks.md's section from the saved
                                                               comparison (data/benchmarks/lora_bold.json)
+    python scripts/train_lora.py --style bold --scales 0.5 0.7 0.85 1
+                                                              judge the shipped adapter at user scales s (no
+                                                              training): data/benchmarks/lora_bold_scales.json
 
 The style data are 500 train digits, 50 of each class picked by label (`course_lib.styles.balanced_digits`), made
 bold (`course_lib.styles.embolden`) or slanted (`shear`, 0.4). Both runs
@@ -31,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from course_lib.benchmark import load_results, results_path, save_results
 from course_lib.captions import measure_slant, measure_thickness
 from course_lib.data import data_dir, record_sha256
-from course_lib.lora import inject_lora, mark_only_lora_trainable, save_lora
+from course_lib.lora import inject_lora, load_lora, mark_only_lora_trainable, save_lora, set_lora_scale
 from course_lib.metrics import kept_and_changed, load_digit_classifier
 from course_lib.profiles import describe_machine
 from course_lib.sampling import draw_samples
@@ -49,6 +52,7 @@ STYLES = {
 }
 LORA_CONFIG = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, min_snr_gamma=5.0, seed=0)
 FULL_CONFIG = TrainConfig(**{**asdict(LORA_CONFIG), "lr": 2e-4})  # the usual lower rate for all weights
+MAX_FID_RATIO, MIN_REACH = 1.5, 0.9  # the course's targets for an adapter (issue 13): FID / base's, style reach
 
 
 def style_data(style: str) -> torch.Tensor:
@@ -194,6 +198,89 @@ def report(style: str) -> None:
     print(f"lora_{style}: written to {REPORT.name}")
 
 
+def sweep_scales(style: str, scales: list[float]) -> None:
+    """The shipped adapter at each user scale s (its update times s; no training), judged as the card judges it on
+    the same noise: the style measure (and, after --compare, how far it moves the measure against the full
+    fine-tune) beside what it keeps. The scale trades style for fidelity, as diffusers' LoRA `scale` does; saved to
+    data/benchmarks/lora_STYLE_scales.json (chapter 8 plots it) and docs/benchmarks.md's section lora-scales:STYLE."""
+    name = f"lora_{style}"
+    base_numbers, base_samples = judge(load_model(BASE), style)
+    model = load_model(BASE)
+    load_lora(model, data_dir() / f"{name}.safetensors")
+    compared = load_results(name) if results_path(name).exists() else None
+    results = {"style": style, "base": base_numbers["measure"], "n": SAMPLES, "machine": describe_machine()}
+    results["full"] = compared["full"]["measure"] if compared else None
+    results["runs"] = []
+    for scale in scales:
+        set_lora_scale(model, scale)
+        numbers, _ = judge(model, style, base_samples)
+        run = {"scale": scale, "measure": numbers["measure"], "kept": numbers["kept"]}
+        if compared:
+            run["reach"] = (numbers["measure"] - results["base"]) / (results["full"] - results["base"])
+        results["runs"].append(run)
+        save_results(f"{name}_scales", results)
+        print(f"{name} at scale {scale}: measure {numbers['measure']:.3f}, FID / base {run['kept']['fid_ratio']:.2f}")
+    recommend_scale(style, results)
+    report_scales(style)
+
+
+def recommend_scale(style: str, results: dict) -> None:
+    """Write into the adapter's card the largest measured scale that meets the targets it can be judged by: FID
+    within MAX_FID_RATIO of the base model's and, when a full fine-tune was measured (--compare), a move of the
+    style measure at least MIN_REACH of the full fine-tune's; None when no scale does."""
+    meets = [
+        run["scale"]
+        for run in results["runs"]
+        if run["kept"]["fid_ratio"] <= MAX_FID_RATIO and run.get("reach", 1.0) >= MIN_REACH
+    ]
+    card_path = data_dir() / f"lora_{style}.json"
+    card = json.loads(card_path.read_text())
+    card["recommended_scale"] = {
+        "scale": max(meets) if meets else None,
+        "rule": f"the largest of the scales {[run['scale'] for run in results['runs']]} whose samples keep FID within "
+        f"{MAX_FID_RATIO}x the base model's"
+        + (f" and move the style measure >= {MIN_REACH:.0%} as far as the full fine-tune" if results["full"] else ""),
+        "measured_by": f"python scripts/train_lora.py --style {style} --scales ... "
+        f"(data/benchmarks/lora_{style}_scales.json)",
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    record_sha256(card_path)
+    print(f"lora_{style}: recommended scale {card['recommended_scale']['scale']}")
+
+
+def report_scales(style: str) -> None:
+    """docs/benchmarks.md's section lora-scales:STYLE from data/benchmarks/lora_STYLE_scales.json."""
+    results = load_results(f"lora_{style}_scales")
+    rows = []
+    for run in results["runs"]:
+        kept = run["kept"]["model"]
+        reach = f"{run['reach']:.0%}" if "reach" in run else "-"
+        rows.append(
+            f"| {run['scale']:g} | {run['measure']:.3f} | {reach} | {run['kept']['fid_ratio']:.2f} | "
+            f"{kept['fid']:.2f} ± {kept['fid_sd']:.2f} | {kept['largest_class_share']:.1%} | "
+            f"{kept['confident_fraction']:.1%} |"
+        )
+    base_fid = results["runs"][0]["kept"]["base"]
+    scales = " ".join(f"{run['scale']:g}" for run in results["runs"])
+    reach = (
+        f"; reach: the measure's move against the full fine-tune's ({results['full']:.3f})" if results["full"] else ""
+    )
+    lines = [
+        f"### LoRA: {style}, at user scales",
+        "",
+        f"`python scripts/train_lora.py --style {style} --scales {scales}` on {results['machine']}: the shipped "
+        f"adapter's update times s, no training; {results['n']} DDIM-{SAMPLE_STEPS} samples per scale from the same "
+        f"noise as its card's, judged as above (base model: measure {results['base']:.3f}, FID {base_fid['fid']:.2f} "
+        f"± {base_fid['fid_sd']:.2f}, largest class {base_fid['largest_class_share']:.1%}){reach}.",
+        "",
+        "| scale s | measure | reach | FID / base | FID ± sd | largest class | confident |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
+    replace_section(REPORT, f"lora-scales:{style}", lines)
+    print(f"lora_{style} scales: written to {REPORT.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--style", choices=sorted(STYLES), required=True)
@@ -202,7 +289,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the number of steps (a quick check; not for export)")
     parser.add_argument("--report", action="store_true", help="only rewrite the docs section from saved results")
     parser.add_argument("--rejudge", action="store_true", help="only recompute the kept numbers from stored samples")
+    parser.add_argument("--scales", type=float, nargs="+", help="only judge the shipped adapter at these user scales")
     args = parser.parse_args()
+    if args.scales is not None:
+        bad = [scale for scale in args.scales if not 0 <= scale <= 2]
+        if bad:
+            parser.error(f"--scales must lie in [0, 2] (0: the base model, 1: the adapter as trained); got {bad[0]}")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return sweep_scales(args.style, args.scales)
     if args.report:
         return report(args.style) if results_path(f"lora_{args.style}").exists() else report_adapter(args.style)
     if args.rejudge:

@@ -38,6 +38,7 @@ import torch
 from course_lib.captions import caption_parts, random_captions, tokenize
 from course_lib.data import load_digits
 from course_lib.guidance import label_condition
+from course_lib.nets.vae import encode_latents
 from course_lib.profiles import describe_machine, get_device
 from course_lib.recipes import (
     CAPTION_DROPOUT,
@@ -72,8 +73,7 @@ def training_data(recipe: Recipe) -> tuple[torch.Tensor, Callable | None]:
             random_captions([parts[i] for i in index.tolist()], generator, **CAPTION_DROPOUT)
         )
     if recipe.latents:
-        vae, scale = load_model(recipe.latents), load_card(recipe.latents)["scaling_factor"]
-        images = torch.cat([vae.encode(images[i : i + 500]).mode() for i in range(0, len(images), 500)]) * scale
+        images = encode_latents(load_model(recipe.latents), images, load_card(recipe.latents)["scaling_factor"])
     return images, condition
 
 

@@ -179,3 +179,27 @@ def test_a_nan_alpha_or_scale_is_refused_by_value():
     inject_lora(model, ["0"], rank=2, alpha=2.0)
     with pytest.raises(ValueError, match="scale=nan"):
         set_lora_scale(model, float("nan"))
+
+
+def test_the_recommended_scale_is_the_largest_that_meets_the_targets(tmp_path, monkeypatch):
+    """scripts/train_lora.py writes into the adapter's card the largest measured scale whose FID stays within 1.5x
+    the base's and whose style reach (when a full fine-tune was measured) is >= 90%; None when none does."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_lora
+
+    monkeypatch.setenv("COURSE_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(train_lora, "data_dir", lambda: tmp_path)
+    (tmp_path / "lora_bold.json").write_text(json.dumps({"base": "unet_mnist_eps"}))
+    run = lambda scale, ratio, reach: {"scale": scale, "kept": {"fid_ratio": ratio}, "reach": reach}  # noqa: E731
+    results = {"full": 3.6, "runs": [run(0.5, 0.8, 0.6), run(0.85, 1.3, 0.91), run(1.0, 1.7, 1.02)]}
+    train_lora.recommend_scale("bold", results)
+    card = json.loads((tmp_path / "lora_bold.json").read_text())
+    assert card["recommended_scale"]["scale"] == 0.85 and card["base"] == "unet_mnist_eps"
+    assert "lora_bold.json" in (tmp_path / "SHA256SUMS").read_text()
+    results["runs"][1]["reach"] = 0.89  # now no scale meets both targets
+    train_lora.recommend_scale("bold", results)
+    assert json.loads((tmp_path / "lora_bold.json").read_text())["recommended_scale"]["scale"] is None

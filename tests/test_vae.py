@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from course_lib.nets.vae import VAE, DiagonalGaussian, latent_scale, vae_loss
+from course_lib.nets.vae import VAE, DiagonalGaussian, encode_latents, latent_decoder, latent_scale, vae_loss
 
 
 def test_digits_become_4x7x7_latents_and_back():
@@ -19,6 +19,18 @@ def test_digits_become_4x7x7_latents_and_back():
         vae.encode(torch.zeros(3, 1, 27, 27))
     with pytest.raises(ValueError, match=r"need latents \(B, 4, h, w\); got shape \(3, 3, 7, 7\)"):
         vae.decode(torch.zeros(3, 3, 7, 7))
+
+
+def test_latents_are_scaled_means_in_any_batching_and_decode_unscaled():
+    torch.manual_seed(0)
+    vae = VAE().eval()
+    x = torch.rand(7, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        expected = vae.encode(x).mode() * 0.5
+        assert torch.allclose(encode_latents(vae, x, 0.5, batch_size=3), expected, atol=1e-6)
+        assert torch.allclose(latent_decoder(vae, 0.5)(expected), vae.decode(expected / 0.5))
+    with pytest.raises(ValueError, match="batch_size must be >= 1; got 0"):
+        encode_latents(vae, x, 0.5, batch_size=0)
 
 
 def test_gaussian_equals_diffusers():

@@ -119,3 +119,20 @@ def latent_scale(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> float
     device = next(vae.parameters()).device
     means = [vae.encode(images[i : i + batch_size].to(device)).mode() for i in range(0, len(images), batch_size)]
     return 1.0 / torch.cat(means).flatten().std().item()
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: torch.Tensor, scaling_factor: float, batch_size: int = 500) -> torch.Tensor:
+    """What a latent diffusion model trains on: each image's latent mean times the scaling factor, (B, C, h, w),
+    encoded in batches of `batch_size` on the VAE's device (returned there)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    device = next(vae.parameters()).device
+    means = [vae.encode(images[i : i + batch_size].to(device)).mode() for i in range(0, len(images), batch_size)]
+    return torch.cat(means) * scaling_factor
+
+
+def latent_decoder(vae: VAE, scaling_factor: float):
+    """z0 -> images: the decoder applied to the unscaled latents, z0 / scaling_factor (what samplers take as
+    `decoder` for a latent model)."""
+    return lambda z0: vae.decode(z0 / scaling_factor)
