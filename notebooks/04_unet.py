@@ -197,7 +197,9 @@ print(f"middle (7 x 7): {middle} | time MLP, conv_in, conv_out: {rest} | total: 
 #
 # A baseline of similar size from diffusers: widths 32/64/64, two ResBlocks per level, attention at the two lower
 # levels (14 x 14 and 7 x 7). Three numbers per network: parameters, FLOPs of one forward pass on one digit
-# (torch's `FlopCounterMode`, which counts a multiply-add as 2 FLOPs), and the time of a few training steps.
+# (torch's `FlopCounterMode`, which counts a multiply-add as 2 FLOPs; `gflops_per_image` runs attention on SDPA's
+# MATH backend while counting, because torch's fused CPU attention kernel has no FLOP formula and would count as 0),
+# and the time of a few training steps.
 
 # %%
 torch.manual_seed(0)
