@@ -404,7 +404,8 @@ def diffusers_dit(model: DiT | dict, num_classes: int | None = None, paper_time:
     if paper_time:
         paper_time_sinusoids(theirs)
     if isinstance(model, DiT):
-        theirs = theirs.to(next(model.parameters()).dtype)
+        # torch's own `to`: ModelMixin.to warns about modules to keep in float32, and this DiT has none
+        torch.nn.Module.to(theirs, next(model.parameters()).dtype)
         theirs.load_state_dict(dit_state(model), strict=True)
     return theirs
 

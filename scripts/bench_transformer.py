@@ -42,7 +42,7 @@ def measure(name: str, n: int, classifier) -> dict:
         "parameters": parameter_count(model),
         "gflops_per_call": gflops_per_call(model, LATENT_SHAPE, one_label, backward=False),
         "gflops_per_training_example": per_example,
-        "training_pflops": per_example * training["images_seen"] / 1e6,
+        "training_tflops": per_example * training["images_seen"] / 1e3,
         "images_seen": training["images_seen"],
         "wall_minutes": training["wall_minutes"],
         "seconds_per_step": 60 * training["wall_minutes"] / training["steps_done"],
@@ -80,7 +80,7 @@ def transformer(n: int) -> list[str]:
         rows.append(
             f"| `{name}` | {result['network']} | {result['parameters'] / 1e6:.2f} M | "
             f"{result['gflops_per_call']:.3f} | "
-            f"{result['training_pflops']:.1f} | {result['wall_minutes']:.0f} | {plain['ms_per_image']:.1f} | "
+            f"{result['training_tflops']:.1f} | {result['wall_minutes']:.0f} | {plain['ms_per_image']:.1f} | "
             f"{plain['fid']:.2f} ± {plain['fid_sd']:.2f} | {guided['fid']:.2f} ± {guided['fid_sd']:.2f} | "
             f"{plain['accuracy']:.3f} / {guided['accuracy']:.3f} | {guided['confident_fraction']:.3f} |"
         )
@@ -93,11 +93,11 @@ def transformer(n: int) -> list[str]:
         "by the VAE; FID against held-out digits with its bootstrap spread"
         + (f" (floor {floor['fid_floor']:.2f} ± {floor['fid_floor_sd']:.2f})" if floor else "")
         + "; accuracy: the fraction read as the asked-for digit. GFLOPs per call: one latent, forward; training "
-        "PFLOPs: forward and backward of every training example (the optimizer left out). Wall minutes as trained, "
+        "TFLOPs: forward and backward of every training example (the optimizer left out). Wall minutes as trained, "
         "on a CPU shared with other jobs; ms / image (w = 1, sampling and decoding) measured in this run, also loaded. "
         "Every number is in `data/benchmarks/transformer.json`.",
         "",
-        f"| run | network | parameters | GFLOPs / call | training PFLOPs | wall min | ms / image | FID, w = 1 | "
+        f"| run | network | parameters | GFLOPs / call | training TFLOPs | wall min | ms / image | FID, w = 1 | "
         f"FID, w = {GUIDED:g} | accuracy, w = 1 / {GUIDED:g} | confident, w = {GUIDED:g} |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,

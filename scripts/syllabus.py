@@ -265,7 +265,9 @@ def render_models(root: Path) -> list[str]:
                 f"rm -f data/{name}.json && python scripts/train_unet.py --recipe {recipe.group(1)} "
                 f"--budget-minutes {BUDGET_MINUTES} --export"
             )
-        chapters = [str(int(n)) for n, text in sources.items() if re.search(rf"{name}(?!\w)", text)]
+        # the name quoted or backticked, or its own loader called (load_digit_classifier); not a variable sharing it
+        named = rf"[\"'`]{name}[\"'`]|load_{name}\("
+        chapters = [str(int(n)) for n, text in sources.items() if re.search(named, text)]
         threads = training.get("threads")
         threads = f", {threads} thread{'s' * (threads != 1)}" if threads else ""
         lines.append(

@@ -98,7 +98,7 @@ def fake_transformer_result(name: str, fid: float) -> dict:
         "network": "DiT" if name.startswith("dit") else "UNet",
         "parameters": 330_000,
         "gflops_per_call": 0.0123,
-        "training_pflops": 4.56,
+        "training_tflops": 4.56,
         "wall_minutes": 10.0,
         "runs": [
             {"scale": 1.0, "fid": fid, "accuracy": 0.8, **run},

@@ -15,6 +15,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
+from course_lib.recipes import RECIPES
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli, which pytest itself needs there
@@ -260,6 +262,15 @@ def test_the_book_shows_the_syllabus_first_and_the_instructors_page_last():
     assert all((ROOT / path).exists() for path in toc)
 
 
+def test_a_chapter_uses_a_model_when_it_names_it_not_when_a_variable_shares_its_name():
+    """Chapter 15 has a variable `noisy_classifier` (the evaluation classifier left in training mode) and does not
+    load chapter 13's noisy classifier; every chapter that calls load_digit_classifier() uses the digit classifier."""
+    rows = {row[0].strip("`"): row for row in table((ROOT / "docs" / "instructors.md").read_text(), "models")}
+    if "noisy_classifier" in rows:
+        assert "15" not in rows["noisy_classifier"][1].split(", ")
+    assert {"4", "5", "12"} <= set(rows["digit_classifier"][1].split(", "))
+
+
 def test_every_trained_model_has_one_command_and_the_time_its_card_recorded():
     rows = {row[0].strip("`"): row for row in table((ROOT / "docs" / "instructors.md").read_text(), "models")}
     cards = {path.stem: json.loads(path.read_text()) for path in (ROOT / "data").glob("*.json")}
@@ -275,10 +286,11 @@ def test_every_trained_model_has_one_command_and_the_time_its_card_recorded():
             assert f'"{flag}"' in source, f"{name}: {script} has no option {flag}"
         recipe = re.search(r"--recipe (\w+)", command)
         if recipe:
-            assert f'"{recipe.group(1)}"' in (ROOT / "course_lib" / "recipes.py").read_text(), command
+            assert recipe.group(1) in RECIPES, command
             assert command.startswith(f"rm -f data/{name}.json && ")  # a finished card counts as done
         sources = {stem: (ROOT / "notebooks" / f"{stem}.py").read_text() for stem in syllabus.book_chapters(ROOT)}
-        named = [str(int(stem[:2])) for stem, text in sources.items() if name in text]
+        marks = [f"load_{name}(", *(f"{q}{name}{q}" for q in "\"'`")]  # its loader, or the name quoted
+        named = [str(int(stem[:2])) for stem, text in sources.items() if any(mark in text for mark in marks)]
         assert chapters == (", ".join(named) or "none yet"), name
 
 
