@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import pickle
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -361,3 +362,16 @@ def train_denoiser(
     )
     state, _ = train(model, schedule, data, config, progress=progress)
     return state.losses
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (kill, a session or job ending) and SIGINT (Ctrl-C) raise KeyboardInterrupt, on which `train` (and
+    the course's other resumable loops) save their checkpoint. A shell starts background jobs with SIGINT ignored,
+    and Python then installs no handler for it: without this, `kill -INT` or the end of a session would lose the
+    work since the last periodic save. Called once by each training script's main()."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)

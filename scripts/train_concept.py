@@ -23,7 +23,6 @@ with the samples in data/benchmarks/concept_METHOD_samples.safetensors for chapt
 
 import argparse
 import json
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -56,7 +55,7 @@ from course_lib.personalize import (
 from course_lib.profiles import describe_machine
 from course_lib.schedules import make_schedule
 from course_lib.styles import balanced_digits, strike_bar
-from course_lib.train import TrainConfig
+from course_lib.train import TrainConfig, stop_on_signals
 from course_lib.weights import STORAGE_DTYPE, load_card, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,17 +276,6 @@ def report() -> None:
     ]
     print("\n".join(lines))
     save_results("concept", {"methods": results, "table": lines, "machine": describe_machine()})
-
-
-def stop_on_signals() -> None:
-    """SIGTERM and SIGINT raise KeyboardInterrupt, on which `train_concept` saves its checkpoint (a background job
-    has SIGINT ignored otherwise; see scripts/train_unet.py)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 def main() -> None:

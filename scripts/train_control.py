@@ -24,7 +24,6 @@ another schedule or (ControlNet) another base is refused, naming what differs.
 
 import argparse
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,6 +51,7 @@ from course_lib.train import (
     load_checkpoint,
     run_identity,
     save_checkpoint,
+    stop_on_signals,
     train,
     warmup_cosine,
 )
@@ -399,17 +399,6 @@ def status(runs: list[Run], folder: Path, checkpoints: dict[str, Path]) -> list[
         rows.append(f"| `{run.name}` | {step:,d} / {run.config.steps:,d} | {minutes:.1f} | {source} |")
     print("\n".join(rows))
     return rows
-
-
-def stop_on_signals() -> None:
-    """SIGTERM (kill, a session ending) and SIGINT (Ctrl-C) raise KeyboardInterrupt, on which training saves its
-    checkpoint (a shell's background job ignores SIGINT, and Python then installs no handler for it)."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 def main() -> None:

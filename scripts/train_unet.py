@@ -26,7 +26,6 @@ processes), DDP keeps the weights equal, the main process alone writes the check
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -50,7 +49,7 @@ from course_lib.recipes import (
     prediction_type,
 )
 from course_lib.schedules import make_schedule
-from course_lib.train import train
+from course_lib.train import stop_on_signals, train
 from course_lib.weights import load_card, load_model, save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -225,18 +224,6 @@ GROUP_ABOUT = {
     "`vae_mnist`'s latents, seed 0, 2,000 steps of 128 latents (256,000), AdamW 1e-3 with warm-up and cosine decay, "
     "EMA 0.999.",
 }
-
-
-def stop_on_signals() -> None:
-    """SIGTERM (kill, a session or job ending) and SIGINT (Ctrl-C) raise KeyboardInterrupt, on which `train` saves
-    its checkpoint. A shell starts background jobs with SIGINT ignored, and Python then installs no handler for
-    it: without this, `kill -INT` or the end of a session would lose the work since the last periodic save."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
 
 
 def main() -> None:
