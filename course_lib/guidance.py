@@ -111,16 +111,23 @@ def guided_samples(
     x0_hat is clipped to [-1, 1] and, by default, the noise re-derived from the clipped x0_hat
     (`samplers.ddim_step`'s use_clipped_model_output): with the noise as guided, the class model's samples at w = 3
     read as the wrong digit far more often than with it re-derived (chapter 7 measures both on the shipped model)."""
+
+    def draw(guided: Guided, n: int, seed: int) -> tuple[torch.Tensor, float]:
+        options = dict(use_clipped_model_output=use_clipped_model_output, seed=seed, batch_size=n, device=device)
+        return draw_samples(guided, schedule, "DDIM", steps, n, **options)
+
+    return _guided_in_batches(model, conditions, null, scale, seed, batch_size, device, draw)
+
+
+def _guided_in_batches(model, conditions, null, scale, seed, batch_size, device, draw) -> tuple[torch.Tensor, float]:
+    """The batching of `guided_samples` and `guided_flow_samples`: batch b of the conditions, guided at `scale`,
+    drawn by draw(guided, n, seed + b) -> (x0, seconds); returns all samples and the total time."""
     if len(conditions) < 1 or batch_size < 1:
         raise ValueError(f"need at least one condition and batch_size >= 1; got {len(conditions)}, {batch_size}")
     samples, seconds = [], 0.0
     for batch, start in enumerate(range(0, len(conditions), batch_size)):
         chunk = conditions[start : start + batch_size].to(device)
-        guided = Guided(model, chunk, null.to(device), scale)
-        options = dict(seed=seed + batch, batch_size=len(chunk), device=device)
-        x0, spent = draw_samples(
-            guided, schedule, "DDIM", steps, len(chunk), use_clipped_model_output=use_clipped_model_output, **options
-        )
+        x0, spent = draw(Guided(model, chunk, null.to(device), scale), len(chunk), seed + batch)
         samples.append(x0)
         seconds += spent
     return torch.cat(samples), seconds
@@ -144,17 +151,12 @@ def guided_flow_samples(
     `steps` calls of the guided model, each one or two network passes), in batches seeded like `guided_samples`;
     a latent model samples x_T of `shape` and `decoder` turns its samples into digits. Returns the samples (CPU,
     clamped to [-1, 1]) and the sampling time in seconds, the decoder's included."""
-    if len(conditions) < 1 or batch_size < 1:
-        raise ValueError(f"need at least one condition and batch_size >= 1; got {len(conditions)}, {batch_size}")
-    samples, seconds = [], 0.0
-    for batch, start in enumerate(range(0, len(conditions), batch_size)):
-        chunk = conditions[start : start + batch_size].to(device)
-        guided = Guided(model, chunk, null.to(device), scale)
-        options = dict(seed=seed + batch, batch_size=len(chunk), device=device, shape=shape, decoder=decoder)
-        x0, spent = draw_flow_samples(guided, solver, steps, len(chunk), **options)
-        samples.append(x0)
-        seconds += spent
-    return torch.cat(samples), seconds
+
+    def draw(guided: Guided, n: int, seed: int) -> tuple[torch.Tensor, float]:
+        options = dict(seed=seed, batch_size=n, device=device, shape=shape, decoder=decoder)
+        return draw_flow_samples(guided, solver, steps, n, **options)
+
+    return _guided_in_batches(model, conditions, null, scale, seed, batch_size, device, draw)
 
 
 def caption_samples(
