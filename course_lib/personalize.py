@@ -21,7 +21,6 @@ likewise writes the new tokens' embeddings to a second `*_emb.safetensors`). `lo
 """
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
-from tqdm.auto import tqdm
 
 from course_lib.captions import DIGIT_WORDS, VOCABULARY, caption, tokenize
 from course_lib.checks import check_choice
@@ -41,7 +39,7 @@ from course_lib.lora import inject_lora, load_lora, mark_only_lora_trainable, sa
 from course_lib.profiles import randn_like
 from course_lib.schedules import Schedule
 from course_lib.styles import balanced_digits, strike_bar
-from course_lib.train import TrainConfig, TrainState, load_checkpoint, run_identity, save_checkpoint, warmup_cosine
+from course_lib.train import TrainConfig, TrainState, train
 
 BASE = "unet_mnist_text"
 TOKEN = "<bar>"  # the new word (diffusers' textual inversion calls it the placeholder token)
@@ -193,69 +191,27 @@ def train_concept(
 ) -> TrainState:
     """Train what `prepare` left trainable on the examples x0 (N, ...) and their captions `tokens` (N, L), with
     prior preservation when `prior` = (class images, their captions) is given: `concept_loss` on config.batch_size
-    examples and as many prior images, drawn with replacement. AdamW, warm-up and cosine decay, gradient clipping,
-    and checkpoints as `course_lib.train.train` (resumes from `checkpoint` if it exists, saves every
+    examples and as many prior images, drawn with replacement, in `course_lib.train.train`'s loop (AdamW, warm-up and
+    cosine decay, gradient clipping, checkpoints: resumes from `checkpoint` if it exists, saves every
     config.checkpoint_every_s and at the end, stops after budget_s seconds of this call); no EMA (diffusers'
     scripts for these methods keep none, and the runs are a few hundred steps)."""
     if config.ema_decay is not None:
         raise ValueError(f"train_concept keeps no EMA: set ema_decay=None; got {config.ema_decay}")
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: call prepare(model, method) first")
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    identity = run_identity(schedule, x0 if prior is None else torch.cat([x0, prior[0]]))
-    state = TrainState()
-    if checkpoint is not None and Path(checkpoint).exists():
-        state = load_checkpoint(checkpoint, model, optimizer, None, generator, config, identity=identity)
-    start = last_save = time.perf_counter()
+    device = next(model.parameters()).device
 
-    def save_now() -> None:
-        elapsed = time.perf_counter() - start
-        save_checkpoint(checkpoint, model, optimizer, None, generator, config, state, elapsed, None, identity)
+    def step_loss(net: nn.Module, generator: torch.Generator) -> torch.Tensor:
+        # a minibatch of examples, and one of prior images, drawn with replacement
+        index = torch.randint(0, len(x0), (config.batch_size,), generator=generator)
+        batch = dict(x0=x0[index].to(device), tokens=tokens[index])
+        if prior is not None:
+            prior_index = torch.randint(0, len(prior[0]), (config.batch_size,), generator=generator)
+            batch.update(prior_x0=prior[0][prior_index].to(device), prior_tokens=prior[1][prior_index])
+        return concept_loss(net, schedule, generator=generator, prior_weight=prior_weight, **batch)
 
-    model.train()
-    bar = tqdm(total=config.steps, initial=state.step, disable=not progress, desc="training")
-    try:
-        while state.step < config.steps:
-            # 1. a minibatch of examples, and one of prior images
-            index = torch.randint(0, len(x0), (config.batch_size,), generator=generator)
-            batch = dict(x0=x0[index].to(device), tokens=tokens[index])
-            if prior is not None:
-                prior_index = torch.randint(0, len(prior[0]), (config.batch_size,), generator=generator)
-                batch.update(prior_x0=prior[0][prior_index].to(device), prior_tokens=prior[1][prior_index])
-            # 2. the loss, the gradient at this step's learning rate, one optimiser step
-            loss = concept_loss(model, schedule, generator=generator, prior_weight=prior_weight, **batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at step {state.step}: lower the learning rate")
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * warmup_cosine(state.step, config.steps, config.warmup)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip or math.inf)
-            optimizer.step()
-            state.step += 1
-            state.losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            # 3. checkpoint, and stop on time
-            if checkpoint is not None and time.perf_counter() - last_save > config.checkpoint_every_s:
-                save_now()
-                last_save = time.perf_counter()
-            if budget_s is not None and time.perf_counter() - start > budget_s:
-                break
-    except KeyboardInterrupt:  # keep what was trained, then stop as asked
-        if checkpoint is not None:
-            save_now()
-            print(f"interrupted at step {state.step}: saved {checkpoint}; the same call resumes from there")
-        raise
-    finally:
-        bar.close()
-        model.eval()
-    if checkpoint is not None:
-        save_now()
-    state.seconds += time.perf_counter() - start
+    identifying = x0 if prior is None else torch.cat([x0, prior[0]])  # what the checkpoint records it trained on
+    state, _ = train(model, schedule, identifying, config, budget_s, checkpoint, progress, step_loss=step_loss)
     return state
 
 

@@ -137,11 +137,16 @@ def train(
     progress: bool = True,
     condition: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     accelerator=None,
+    step_loss: Callable[[torch.nn.Module, torch.Generator], torch.Tensor] | None = None,
 ) -> tuple[TrainState, EMA | None]:
     """Train `model` in place on random minibatches of `data` (N, ...); returns (state, ema).
 
     With `condition`, the model is called as model(xt, t, cond) with cond = condition(index, generator) for the
     minibatch's indices into data: labels with some dropped (`guidance.label_condition`), or caption tokens.
+
+    With `step_loss`, each step's loss is step_loss(model, generator) instead of config.objective's on a minibatch
+    of data: the function draws its own minibatch from the generator (`personalize.train_concept`: the concept's
+    examples beside DreamBooth's prior images). `data` then only identifies the run in its checkpoint.
 
     `schedule` is the DDPM schedule of the "ddpm" objective; the flow objectives have none and take None.
     Stops after config.steps in all, or after budget_s seconds of this call. With `checkpoint`, resumes from the
@@ -156,6 +161,8 @@ def train(
     """
     if config.objective == "ddpm" and schedule is None:
         raise ValueError('the "ddpm" objective needs the schedule; the others ("flow", "reflow", "edm") take None')
+    if step_loss is not None and condition is not None:
+        raise ValueError("give condition or step_loss, not both: step_loss draws its own minibatch and conditions")
     if len(data) == 0:
         raise ValueError(f"no training data: data has shape {tuple(data.shape)}")
     if budget_s is not None and not budget_s >= 0:
@@ -179,7 +186,17 @@ def train(
         steps = accelerator.gather(torch.tensor([state.step], device=device)).tolist()
         if len(set(steps)) > 1:
             raise ValueError(f"the processes start at different steps {steps}: they must all see {checkpoint}")
-    loss_of = LOSSES[config.objective]
+    if step_loss is None:
+        loss_of = LOSSES[config.objective]
+
+        def step_loss(net: torch.nn.Module, generator: torch.Generator) -> torch.Tensor:
+            # 1. a random minibatch of clean data
+            index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+            x0 = data[index].to(device)
+            cond = condition(index, generator).to(device) if condition is not None else None
+            # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
+            return loss_of(net, schedule, x0, generator, cond, config)
+
     start, last_save = time.perf_counter(), time.perf_counter()
 
     def save() -> None:
@@ -190,12 +207,8 @@ def train(
     bar = tqdm(total=config.steps, initial=state.step, disable=not progress or rank > 0, desc="training")
     try:
         while state.step < config.steps:
-            # 1. a random minibatch of clean data
-            index = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-            x0 = data[index].to(device)
-            cond = condition(index, generator).to(device) if condition is not None else None
-            # 2. the loss at random t with fresh noise (reflow: with the noise of each pair)
-            loss = loss_of(net, schedule, x0, generator, cond, config)
+            # 1-2. the loss of a fresh minibatch
+            loss = step_loss(net, generator)
             # 3. the gradient at this step's learning rate; a non-finite loss or gradient stops the run before the
             #    optimiser step and before any save, so the checkpoint keeps the last good state
             for group in optimizer.param_groups:

@@ -135,6 +135,21 @@ def test_empty_data_and_a_negative_budget_are_refused():
         train(tiny(), make_schedule("linear", 50), data(), CONFIG, budget_s=-5, progress=False)
 
 
+def test_a_step_loss_that_draws_the_default_minibatch_trains_exactly_as_the_default():
+    schedule, x = make_schedule("linear", 50), data()
+
+    def step_loss(net, generator):  # the default's steps 1-2, written out
+        index = torch.randint(0, len(x), (CONFIG.batch_size,), generator=generator)
+        return LOSSES["ddpm"](net, schedule, x[index], generator, None, CONFIG)
+
+    default, hooked = tiny(), tiny()
+    train(default, schedule, x, CONFIG, progress=False)
+    train(hooked, schedule, x, CONFIG, progress=False, step_loss=step_loss)
+    assert all(torch.equal(a, b) for a, b in zip(weights(default).values(), weights(hooked).values(), strict=True))
+    with pytest.raises(ValueError, match="condition or step_loss"):
+        train(tiny(), schedule, x, CONFIG, progress=False, step_loss=step_loss, condition=lambda i, g: i)
+
+
 @pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "reflow"])
 def test_every_objective_lowers_its_loss_on_a_fixed_batch(objective):
     """Overfit two points: each objective's loss falls (the loss table calls each one correctly)."""
