@@ -164,6 +164,22 @@ def finished_runs(names: Iterable[str]) -> list[str]:
     ]
 
 
+def floor_note(measured: dict) -> str:
+    """ " (floor F ± sd)": the real-vs-real FID floor of a study's first measured run, for the text above its table
+    (every run of a study is scored against the same held-out digits at the same n); "" before any is measured."""
+    if not measured:
+        return ""
+    floor = next(iter(measured.values()))["runs"][0]
+    return f" (floor {floor['fid_floor']:.2f} ± {floor['fid_floor_sd']:.2f})"
+
+
+def waiting_lines(about: dict[str, str], measured: dict) -> list[str]:
+    """The lines under a study's table that name its runs not measured yet, each with what it is (`about`: run
+    name -> description, in the study's order); none when every run is measured."""
+    waiting = [f"`{name}` ({description})" for name, description in about.items() if name not in measured]
+    return ["", "Not finished yet: " + ", ".join(waiting) + "."] if waiting else []
+
+
 def measure_new_runs(figure: str, names: Iterable[str], n: int, measure: Callable[[str], dict]) -> dict:
     """data/benchmarks/FIGURE.json with every finished run of `names` measured at n: a run measured before at the
     same n with the same card is kept, any other is measured (`measure(name)` -> its results) and saved at once,

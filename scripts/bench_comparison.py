@@ -11,7 +11,7 @@ same card, is kept, not measured again: the runs finish one by one across sessio
 n = 300 on one thread).
 """
 
-from course_lib.benchmark import measure_new_runs
+from course_lib.benchmark import floor_note, measure_new_runs, waiting_lines
 from course_lib.frame import ODE_SOLVERS, denoiser, solver_steps
 from course_lib.metrics import load_digit_classifier, sample_scores
 from course_lib.recipes import COMPARISON, RECIPES
@@ -64,7 +64,6 @@ def comparison(n: int) -> list[str]:
     """Measure each finished run not yet measured (at this n, with this card), then write the table of all."""
     classifier = load_digit_classifier()
     measured = measure_new_runs("comparison", COMPARISON, n, lambda name: measure(name, n, classifier))["runs"]
-    waiting = [name for name in COMPARISON if name not in measured]
     rows = []
     for name in COMPARISON:
         if name not in measured:
@@ -78,12 +77,11 @@ def comparison(n: int) -> list[str]:
         cells.append(f"{reference['fid']:.2f} ± {reference['fid_sd']:.2f}")
         cells += [f"{at_20['confident_fraction']:.3f}", f"{result['images_seen']:,d}", f"{result['wall_minutes']:.0f}"]
         rows.append(f"| `{name}` | {result['about']} | {' | '.join(cells)} |")
-    floor = next(iter(measured.values()))["runs"][0] if measured else None
     lines = [
         f"Each finished run of the comparison (same UNet, seed and 256,000 training images), sampled through "
         f"`course_lib.frame`: {n} samples per solver and budget from the same noise, x0_hat clipped to [-1, 1], EDM's "
         "levels from sigma = 80; FID against held-out digits with its bootstrap spread"
-        + (f" (floor {floor['fid_floor']:.2f} ± {floor['fid_floor_sd']:.2f})" if floor else "")
+        + floor_note(measured)
         + "; each budget shows the best of Euler, Heun and DPM-Solver++(2M), with its calls; the reference is Heun "
         f"with {REFERENCE_CALLS} calls. Every solver's row is in `data/benchmarks/comparison.json`.",
         "",
@@ -92,9 +90,7 @@ def comparison(n: int) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
-    if waiting:
-        lines += ["", "Not finished yet: " + ", ".join(f"`{name}` ({RECIPES[name].about})" for name in waiting) + "."]
-    return lines
+    return lines + waiting_lines({name: RECIPES[name].about for name in COMPARISON}, measured)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ measured before at the same n, with the same card, is kept: the runs finish one 
 
 import torch
 
-from course_lib.benchmark import gflops_per_call, measure_new_runs, parameter_count
+from course_lib.benchmark import floor_note, gflops_per_call, measure_new_runs, parameter_count, waiting_lines
 from course_lib.guidance import guided_flow_samples
 from course_lib.metrics import class_accuracy, load_digit_classifier, sample_scores
 from course_lib.nets.vae import latent_decoder
@@ -84,14 +84,12 @@ def transformer(n: int) -> list[str]:
             f"{plain['fid']:.2f} ± {plain['fid_sd']:.2f} | {guided['fid']:.2f} ± {guided['fid_sd']:.2f} | "
             f"{plain['accuracy']:.3f} / {guided['accuracy']:.3f} | {guided['confident_fraction']:.3f} |"
         )
-    waiting = [name for name in TRANSFORMER_STUDY if name not in measured]
-    floor = next(iter(measured.values()))["runs"][0] if measured else None
     lines = [
         "Each finished run of chapter 12's study (class-conditional flow on `vae_mnist`'s latents, logit-normal t, "
         "2,000 steps of 128 latents each, seed 0): "
         f"{n} samples per guidance scale, labels 0-9 in turn, Euler with {STEPS} steps from the same noise, decoded "
         "by the VAE; FID against held-out digits with its bootstrap spread"
-        + (f" (floor {floor['fid_floor']:.2f} ± {floor['fid_floor_sd']:.2f})" if floor else "")
+        + floor_note(measured)
         + "; accuracy: the fraction read as the asked-for digit. GFLOPs per call: one latent, forward; training "
         "TFLOPs: forward and backward of every training example (the optimizer left out). Wall minutes as trained, "
         "on a CPU shared with other jobs; ms / image (w = 1, sampling and decoding) measured in this run, also loaded. "
@@ -102,9 +100,7 @@ def transformer(n: int) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ]
-    if waiting:
-        lines += ["", "Not finished yet: " + ", ".join(f"`{name}` ({RECIPES[name].about})" for name in waiting) + "."]
-    return lines
+    return lines + waiting_lines({name: RECIPES[name].about for name in TRANSFORMER_STUDY}, measured)
 
 
 if __name__ == "__main__":
