@@ -61,8 +61,7 @@ if "google.colab" in sys.modules:
 #    parts in diffusers' `ControlNetModel`;
 # 3. edit with img2img / SDEdit and read the faithfulness-against-realism curve over the strength;
 # 4. inpaint by replacement and by RePaint's resampling, and measure both inside and outside the mask;
-# 5. derive classifier guidance from Bayes' rule, check its gradient, and set it against classifier-free guidance
-#    at matched accuracy.
+# 5. derive classifier guidance from Bayes' rule, check its gradient, and set it against classifier-free guidance.
 
 # %%
 from itertools import pairwise
@@ -302,7 +301,6 @@ check_claim(
         follows["controlnet"]["edge_f1"],
         follows["controlnet"]["edge_f1_se"],
     ),
-    # TODO(claim): decide after training
     "the card says: the ControlNet's samples follow their outlines clearly better than the base's from the same noise",
     f"F1 ControlNet {follows['controlnet']['edge_f1']:.3f} ± {follows['controlnet']['edge_f1_se']:.3f}, "
     f"base {follows['base']['edge_f1']:.3f} ± {follows['base']['edge_f1_se']:.3f}",
@@ -361,7 +359,6 @@ cn, bs = reading["ControlNet"], reading["base"]
 check_claim(
     clearly_below(bs["f1"], bs["f1_se"], cn["f1"], cn["f1_se"])
     and clearly_below(shuffled, shuffled_se, cn["f1"], cn["f1_se"]),
-    # TODO(claim): decide after training
     "the ControlNet's samples follow their own outlines clearly better than the base's samples do, and better "
     "than they follow another digit's outline",
     f"F1 ControlNet {cn['f1']:.3f} ± {cn['f1_se']:.3f}, base {bs['f1']:.3f} ± {bs['f1_se']:.3f}, "
@@ -370,7 +367,6 @@ check_claim(
 )
 check_claim(
     not clearly_below(bs["fid"], bs["fid_sd"], cn["fid"], cn["fid_sd"]),
-    # TODO(claim): decide after training
     "following the control costs no realism: the ControlNet's FID is not clearly above the base's",
     f"FID ControlNet {cn['fid']:.1f} ± {cn['fid_sd']:.1f}, base {bs['fid']:.1f} ± {bs['fid_sd']:.1f}, "
     f"floor {cn['fid_floor']:.1f}",
@@ -421,14 +417,12 @@ plt.show()
 # %%
 check_claim(
     clearly_below(curve[0.5]["f1"], curve[0.5]["f1_se"], curve[1.0]["f1"], curve[1.0]["f1_se"]),
-    # TODO(claim): decide after training
     "the agreement with the control rises from s = 0.5 to s = 1",
     ", ".join(f"s = {s:g}: {c['f1']:.3f} ± {c['f1_se']:.3f}" for s, c in curve.items()),
     decisive,
 )
 check_claim(
     curve[2.0]["confident"] < curve[1.0]["confident"],
-    # TODO(claim): decide after training
     "pushing past the trained scale costs realism: fewer samples are confident digits at s = 2 than at s = 1",
     ", ".join(f"s = {s:g}: {c['confident']:.0%}" for s, c in curve.items()),
     decisive,
@@ -886,7 +880,6 @@ print(
 plain_acc, noisy_acc = accuracy["digit classifier"], accuracy["noisy classifier"]
 check_claim(
     noisy_acc[500] > plain_acc[500] + 0.1 and noisy_acc[750] > plain_acc[750],
-    # TODO(claim): decide after training
     "the noisy classifier reads digits at t = 500 and 750 better than the classifier trained on clean digits",
     f"t = 500: noisy {noisy_acc[500]:.0%}, plain {plain_acc[500]:.0%}; t = 750: {noisy_acc[750]:.0%}, "
     f"{plain_acc[750]:.0%} (n = {len(probe)})",
@@ -896,14 +889,16 @@ check_claim(
 # %% [markdown]
 # ### Classifier guidance against classifier-free guidance
 #
-# Both on one network, so that only the guidance differs: chapter 7's class-conditional model. Classifier-free
-# guidance uses its conditional and unconditional predictions (`Guided`); classifier guidance uses its
-# unconditional prediction (the "no label" input) and the noisy classifier's gradient (`ClassifierGuided`). The
-# classifier was trained on the base model's schedule, which the class model (fine-tuned from it) shares. Each asks
-# for the digits 0..9 in turn, from the same noise, with the noise re-derived from the clipped $\hat x_0$ as chapter
-# 7 found necessary for strong guidance. Read at matched accuracy: the classifier-guidance scale whose accuracy
-# comes nearest to classifier-free guidance at $w = 3$ is set against it, by FID (beside its spread) and by the
-# spread within classes (`class_spread`, over that of real digits: diversity).
+# Both on one network, so that only the guidance differs: chapter 7's class-conditional model. Classifier-free guidance
+# uses its conditional and unconditional predictions (`Guided`); classifier guidance uses its unconditional prediction
+# (the "no label" input) and the noisy classifier's gradient (`ClassifierGuided`). The classifier was trained on the
+# base model's schedule, which the class model (fine-tuned from it) shares. Each asks for the digits 0..9 in turn, from
+# the same noise, with the noise re-derived from the clipped $\hat x_0$ as chapter 7 found necessary for strong
+# guidance. The plan was to compare the two at matched accuracy; classifier guidance never reached the accuracy of
+# classifier-free guidance at any scale we tried ($s$ = 1, 3, 10, 30, 100 and 300; the three kept here show the trend),
+# so the runs are read side by side instead: accuracy by the independent digit classifier, what the guiding classifier
+# itself reads in the finished samples, FID beside its spread, and the spread within classes (`class_spread`, over that
+# of real digits: diversity).
 
 # %%
 class_card = load_card("unet_mnist_class")
@@ -926,7 +921,7 @@ for w in (1.0, 3.0):
     runs[f"classifier-free, w = {w:g}"] = ddim_batches(
         lambda y, w=w: Guided(class_model, y, null, w), x_T, asked, **options
     )
-for s in (1.0, 3.0, 10.0):
+for s in (10.0, 100.0, 300.0):
     runs[f"classifier, s = {s:g}"] = ddim_batches(
         lambda y, s=s: ClassifierGuided(unconditional, noisy_classifier, y, s, schedule), x_T, asked, **options
     )
@@ -953,48 +948,43 @@ for ax, (name, samples) in zip(axes, runs.items(), strict=True):
 plt.show()
 
 # %%
-cfg = guidance_rows["classifier-free, w = 3"]
-matched_name = min(
-    (name for name in guidance_rows if name.startswith("classifier,")),
-    key=lambda name: abs(guidance_rows[name]["accuracy"] - cfg["accuracy"]),
-)
-cg = guidance_rows[matched_name]
-print(f"matched: {matched_name} (accuracy {cg['accuracy']:.0%}) against classifier-free w = 3 ({cfg['accuracy']:.0%})")
+plain, cfg = guidance_rows["classifier-free, w = 1"], guidance_rows["classifier-free, w = 3"]
+classifier_rows = {name: row for name, row in guidance_rows.items() if name.startswith("classifier,")}
+best_name = max(classifier_rows, key=lambda name: classifier_rows[name]["accuracy"])
 check_claim(
-    abs(cg["accuracy"] - cfg["accuracy"]) < 0.1,
-    # TODO(claim): decide after training
-    "one of the classifier-guidance scales matches classifier-free guidance at w = 3 in accuracy, within 10 points",
-    f"{matched_name}: {cg['accuracy']:.0%}, classifier-free w = 3: {cfg['accuracy']:.0%}",
+    classifier_rows[best_name]["accuracy"] < plain["accuracy"],
+    "no classifier-guidance scale reaches the accuracy of the class model's plain conditional prediction (w = 1)",
+    ", ".join(f"{name}: {row['accuracy']:.0%}" for name, row in guidance_rows.items()),
     decisive,
 )
+strong = {name: row for name, row in classifier_rows.items() if name != "classifier, s = 10"}
 check_claim(
-    clearly_below(cfg["fid"], cfg["fid_sd"], cg["fid"], cg["fid_sd"]),
-    # TODO(claim): decide after training
-    "at matched accuracy classifier-free guidance is clearly closer to the data (lower FID) than classifier guidance",
-    f"FID classifier-free w = 3: {cfg['fid']:.1f} ± {cfg['fid_sd']:.1f}, {matched_name}: {cg['fid']:.1f} ± "
-    f"{cg['fid_sd']:.1f}; spread / real {cfg['spread']:.2f}, {cg['spread']:.2f}",
+    all(row["own_reading"] >= 0.95 and row["own_reading"] - row["accuracy"] > 0.1 for row in strong.values()),
+    "at s = 100 and 300 the guiding classifier reads nearly every sample (95% or more) as the digit asked for, the "
+    "independent judge over 10 points fewer: what the larger scales buy is mostly the guiding classifier's opinion",
+    ", ".join(f"{name}: guide {row['own_reading']:.0%}, judge {row['accuracy']:.0%}" for name, row in strong.items()),
     decisive,
 )
-
-strongest = guidance_rows["classifier, s = 10"]
+strongest = classifier_rows["classifier, s = 300"]
 check_claim(
-    strongest["own_reading"] > strongest["accuracy"],
-    # TODO(claim): decide after training
-    "at the strongest classifier guidance the guiding classifier reads the asked-for digit in more samples than the "
-    "independent judge does: part of what the gradient buys is the guiding classifier's own opinion",
-    f"s = 10: the noisy classifier reads {strongest['own_reading']:.0%}, the digit classifier "
-    f"{strongest['accuracy']:.0%}",
+    clearly_below(cfg["fid"], cfg["fid_sd"], strongest["fid"], strongest["fid_sd"]),
+    "classifier-free guidance at w = 3 is clearly closer to the data (lower FID) than the strongest classifier "
+    "guidance",
+    f"FID classifier-free w = 3: {cfg['fid']:.1f} ± {cfg['fid_sd']:.1f}, classifier s = 300: "
+    f"{strongest['fid']:.1f} ± {strongest['fid_sd']:.1f}; spread / real {cfg['spread']:.2f}, {strongest['spread']:.2f}",
     decisive,
 )
 
 # %% [markdown]
-# Classifier guidance needs a second network, trained on noisy images, and a backward pass through it at every
-# step; its gradient is that of a small discriminative model, which can raise that classifier's confidence by
-# changes a denoiser would not make (the adversarial side of input gradients), which is why the samples are judged
-# by another classifier than the one that guided them. Classifier-free guidance needs
-# neither: the generative model's own two predictions carry the same Bayes' rule, which is why diffusers' pipelines
-# and every large text-to-image model use it. Classifier guidance keeps one advantage: any differentiable judge of
-# $x_t$ can steer a model that was never trained with labels.
+# Past $s = 10$, classifier guidance raised the guiding classifier's own reading to nearly every sample while the
+# independent judge's accuracy stayed below the plain conditional model's, and at $s = 300$ its FID was clearly above
+# classifier-free guidance's at $w = 3$. It needs a second network, trained on noisy images, and a backward pass through
+# it at every step; its gradient is that of a small discriminative model, which can raise that classifier's confidence
+# by changes a denoiser would not make (the adversarial side of input gradients), which is why the samples are judged by
+# another classifier than the one that guided them. Classifier-free guidance needs neither: the generative model's own
+# two predictions carry the same Bayes' rule, which is why diffusers' pipelines and every large text-to-image model use
+# it. Classifier guidance keeps one advantage: any differentiable judge of $x_t$ can steer a model that was never
+# trained with labels.
 #
 # ## Recap
 #
