@@ -108,7 +108,8 @@ def fine_tune(style: str, lora: bool, steps: int | None = None) -> tuple[torch.n
     _, ema = train(model, make_schedule(**load_card(BASE)["schedule"]), data, config)
     seconds = time.perf_counter() - start
     # sample, measure and save the EMA weights (adapters included), as for every shipped model
-    return ema.model, {"trainable_parameters": trainable, "share": trainable / full_parameters, "seconds": seconds}
+    run = {"trainable_parameters": trainable, "share": trainable / full_parameters, "seconds": seconds}
+    return ema.model, {**run, "config": asdict(config)}
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -330,7 +331,7 @@ def main() -> None:
         "trainable_share": round(lora_run["share"], 4),
         "file_share": round(path.stat().st_size / base_size, 4),
         "training": {
-            **asdict(LORA_CONFIG),
+            **lora_run["config"],  # as trained: --steps changes the steps and warm-up
             "data": f"{PER_CLASS} train digits of each class, picked by label, restyled ({args.style})",
             "wall_minutes": round(lora_run["seconds"] / 60, 1),
             "machine": describe_machine(),

@@ -203,3 +203,16 @@ def test_the_recommended_scale_is_the_largest_that_meets_the_targets(tmp_path, m
     results["runs"][1]["reach"] = 0.89  # now no scale meets both targets
     train_lora.recommend_scale("bold", results)
     assert json.loads((tmp_path / "lora_bold.json").read_text())["recommended_scale"]["scale"] is None
+
+
+def test_a_fine_tune_reports_the_config_it_trained_with():
+    """The adapter's card records the run's own config: a --steps run must not be carded as the recipe's steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_lora
+
+    _, run = train_lora.fine_tune("bold", lora=True, steps=1)
+    assert run["config"]["steps"] == 1 and run["config"]["warmup"] == 1
+    assert run["config"]["lr"] == train_lora.LORA_CONFIG.lr and train_lora.LORA_CONFIG.steps != 1
