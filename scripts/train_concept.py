@@ -59,6 +59,9 @@ from course_lib.train import TrainConfig, stop_on_signals
 from course_lib.weights import STORAGE_DTYPE, load_card, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from report import replace_section  # noqa: E402
+
 TRAINING = ROOT / "data" / "training"
 _settings = dict(warmup=100, grad_clip=1.0, ema_decay=None, min_snr_gamma=None, seed=0, checkpoint_every_s=300)
 # Steps chosen so that each method trains in 10-25 minutes on one thread. Per-step times measured with --threads 1
@@ -276,6 +279,14 @@ def report() -> None:
     ]
     print("\n".join(lines))
     save_results("concept", {"methods": results, "table": lines, "machine": describe_machine()})
+    how = (
+        "Each method trained on the ten barred train digits (one of each class) by `python scripts/train_concept.py "
+        "--method METHOD --budget-minutes N`, then `--export --judge`: 300 samples per prompt set, 30 of each digit, "
+        f"DDIM-{SAMPLE_STEPS} at guidance {SCALE:g}, the same noise before and after; FID of the ordinary prompts' "
+        "samples against held-out digits with its bootstrap spread. Wall minutes from the cards, on one thread beside "
+        "other jobs. This table: `python scripts/train_concept.py --report`."
+    )
+    replace_section(ROOT / "docs" / "benchmarks.md", "concept", ["### A new concept (chapter 14)", "", how, "", *lines])
 
 
 def main() -> None:

@@ -230,7 +230,6 @@ print(
 )
 check_claim(
     barred_fraction(base_plain) <= 0.02,
-    # TODO(claim): decide in the cpu profile
     "at most 2% of the base model's samples for ordinary prompts read as barred",
     f"{barred_fraction(base_plain):.1%} of {n}, largest bar measure {measure_bar(base_plain).max():.2f}",
     decisive,
@@ -334,9 +333,9 @@ distance = (token_embedding(ti_model).detach().cpu() - table[VOCABULARY.index("t
 print(f"the row moved {distance:.3f} from 'thick' (whose length is {table[VOCABULARY.index('thick')].norm():.3f})")
 check_claim(
     ti_loss_after < ti_loss_before,
-    # TODO(claim): decide in the cpu profile
     "the live run lowers the loss on fixed draws of t and eps",
-    f"{ti_loss_before:.4f} -> {ti_loss_after:.4f} after {live_steps} steps",
+    f"{ti_loss_before:.4f} -> {ti_loss_after:.4f} after {live_steps} steps "
+    f"({ti_loss_after / ti_loss_before - 1:+.1%}; the DreamBooth runs of section 3 can be set beside it)",
     decisive,
 )
 
@@ -446,14 +445,12 @@ for name, run in runs.items():
 alone, kept = runs["concept term alone"], runs["with prior preservation"]
 check_claim(
     alone["concept"] < runs["start"]["concept"] and kept["concept"] < runs["start"]["concept"],
-    # TODO(claim): decide in the cpu profile
     "both runs lower the loss on the examples",
     f"start {runs['start']['concept']:.4f}, alone {alone['concept']:.4f}, with the prior {kept['concept']:.4f}",
     decisive,
 )
 check_claim(
     kept["ordinary"] < alone["ordinary"],
-    # TODO(claim): decide in the cpu profile
     "with prior preservation the loss of ordinary prompts on real digits ends lower than with the concept term alone",
     f"start {runs['start']['ordinary']:.4f}, alone {alone['ordinary']:.4f}, with the prior {kept['ordinary']:.4f}",
     decisive,
@@ -560,7 +557,6 @@ check_claim(
         cards[m]["trainable_parameters"] == files[m]["parameters"] and cards[m]["file_bytes"] == files[m]["bytes"]
         for m in METHODS
     ),
-    # TODO(claim): decide after training
     "each shipped file holds what section 4 counted: the same parameters trained, the same bytes",
     ", ".join(f"{m}: {cards[m]['trainable_parameters']:,} / {cards[m]['file_bytes']:,} B" for m in METHODS),
 )
@@ -645,41 +641,39 @@ asked = {m: j["concept_prompt"] for m, j in judged.items()}
 plain_after = {m: j["ordinary_prompt"] for m, j in judged.items()}
 check_claim(
     plain_after["textual_inversion"]["identical_to_base"],
-    # TODO(claim): decide after training
     "textual inversion's samples for ordinary prompts are the base model's, bit for bit",
     f"identical_to_base: {plain_after['textual_inversion']['identical_to_base']}",
 )
 check_claim(
-    min(asked[m]["barred_fraction"] for m in ("dreambooth", "dreambooth_lora")) > 0.5,
-    # TODO(claim): decide after training
-    f"DreamBooth and DreamBooth-LoRA draw the bar in most of their samples for 'a {TOKEN} DIGIT'",
+    asked["dreambooth_lora"]["barred_fraction"] >= 0.95 and 0.4 <= asked["dreambooth"]["barred_fraction"] <= 0.6,
+    f"for 'a {TOKEN} DIGIT' DreamBooth-LoRA draws the bar in nearly every sample (95% or more), full DreamBooth in "
+    "about half (40-60%)",
     ", ".join(f"{m}: {a['barred_fraction']:.1%}" for m, a in asked.items()),
 )
 check_claim(
     asked["textual_inversion"]["barred_fraction"]
     < min(asked[m]["barred_fraction"] for m in ("dreambooth", "dreambooth_lora")),
-    # TODO(claim): decide after training
     "textual inversion draws the bar less often than either method that trains the UNet",
     ", ".join(f"{m}: {a['barred_fraction']:.1%}" for m, a in asked.items()),
 )
 check_claim(
     all(a["digit_accuracy"] > reference["barred_digit_accuracy"] - 0.1 for a in asked.values()),
-    # TODO(claim): decide after training
     "the concept's samples still read as the digit asked for, within 10 points of real barred digits",
     f"real barred digits {reference['barred_digit_accuracy']:.1%}; "
     + ", ".join(f"{m}: {a['digit_accuracy']:.1%}" for m, a in asked.items()),
 )
 
 # %%
+leaks = {m: p["barred_fraction_after"] for m, p in plain_after.items()}
 check_claim(
-    all(p["barred_fraction_after"] <= 0.05 for p in plain_after.values()),
-    # TODO(claim): decide after training
-    "after any of the three methods, ordinary prompts draw the bar in at most 5% of samples",
-    ", ".join(f"{m}: {p['barred_fraction_after']:.1%}" for m, p in plain_after.items()),
+    max(leaks["textual_inversion"], leaks["dreambooth_lora"]) <= 0.01
+    and leaks["dreambooth"] > 3 * max(leaks["dreambooth_lora"], 1 / judged["dreambooth"]["n"]),
+    "after textual inversion or DreamBooth-LoRA, ordinary prompts draw the bar in at most 1% of samples; after full "
+    "DreamBooth, prior preservation notwithstanding, in several times as many",
+    ", ".join(f"{m}: {leak:.1%}" for m, leak in leaks.items()) + f" (n = {judged['dreambooth']['n']})",
 )
 check_claim(
     all(abs(p["digit_accuracy_after"] - p["digit_accuracy_before"]) <= 0.05 for p in plain_after.values()),
-    # TODO(claim): decide after training
     "each method keeps the digit accuracy of ordinary prompts within 5 points of the base model's",
     ", ".join(
         f"{m}: {p['digit_accuracy_before']:.1%} -> {p['digit_accuracy_after']:.1%}" for m, p in plain_after.items()
@@ -694,7 +688,6 @@ def clearly_worse(kept: dict) -> bool:
 
 check_claim(
     not any(clearly_worse(p["kept"]) for p in plain_after.values()),
-    # TODO(claim): decide after training
     "no method's FID on ordinary prompts is clearly above the base model's",
     ", ".join(
         f"{m}: {p['kept']['model']['fid']:.2f} ± {p['kept']['model']['fid_sd']:.2f} "
@@ -704,9 +697,24 @@ check_claim(
 )
 check_claim(
     all(torch.equal(stored[m]["base"], stored["dreambooth"]["base"]) for m in METHODS),
-    # TODO(claim): decide after training
     "the three judgements compared with the very same base samples",
     "the stored 'base' samples of the three methods",
+)
+
+# %% [markdown]
+# So textual inversion, as section 2 warned, found no row of 64 numbers that makes this UNet strike the bar: its
+# samples for "a <bar> DIGIT" are plain digits, and its ordinary prompts are untouched. Both methods that train the
+# UNet learnt the bar; DreamBooth-LoRA more completely, and with less leaking into ordinary prompts, than full
+# DreamBooth. These runs do not say why: the two differ in what they train and also in their learning rate (5e-5
+# for every weight, 1e-3 for the adapters, each the usual order for its kind), and one run of each cannot separate
+# the two causes; a run that changes one of them at a time would.
+
+# %%
+rates = {m: cards[m]["training"]["lr"] for m in ("dreambooth", "dreambooth_lora")}
+check_claim(
+    rates == {"dreambooth": 5e-5, "dreambooth_lora": 1e-3},
+    "full DreamBooth trained at lr 5e-5, DreamBooth-LoRA at 1e-3",
+    f"the cards: {rates}",
 )
 
 # %% [markdown]
