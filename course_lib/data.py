@@ -147,14 +147,16 @@ def load_digits(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a bar for 5,000 rows is noise in a notebook
     try:
-        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).with_format("numpy")
+        # whole columns as Arrow arrays: the "numpy" format would build 5,000 rows one at a time (5 s, not 0.3 s)
+        table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).with_format("arrow")[:]
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    pixels = np.stack(table["pixels"]).astype(np.float32)  # (5000, 784), 0..255
-    labels = np.asarray(table["label"], dtype=np.int64)
+    pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)  # (5000 * 784,) uint8
+    pixels = pixels.reshape(len(table), -1).astype(np.float32)  # (5000, 784), 0..255
+    labels = table.column("label").to_numpy().astype(np.int64)
     if split != "all":
-        keep = np.asarray(table["split"]) == split
+        keep = np.asarray(table.column("split").to_pylist()) == split
         pixels, labels = pixels[keep], labels[keep]
     images = torch.from_numpy(pixels).reshape(-1, 1, IMAGE_SIZE, IMAGE_SIZE) / 127.5 - 1
     return images, torch.from_numpy(labels)

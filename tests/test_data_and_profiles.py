@@ -23,6 +23,21 @@ def test_digits_have_the_documented_split_and_range():
     assert not any(bytes(to_pixels(x).numpy()) in train_keys for x in heldout)
 
 
+def test_digits_are_the_files_rows_in_order():
+    """load_digits reads whole Arrow columns; each row must still be the file's row (pixels, label, split)."""
+    import datasets
+
+    rows = datasets.Dataset.from_parquet(str(data_dir() / "mnist5k.parquet"), keep_in_memory=True).with_format("numpy")
+    everything, labels = load_digits("all")
+    heldout, _ = load_digits("heldout")
+    heldout_rows = [i for i, split in enumerate(rows["split"]) if split == "heldout"]
+    for i in (0, 1, 2499, 4999):
+        row = rows[i]
+        assert torch.equal(everything[i].flatten(), torch.from_numpy(row["pixels"]).float() / 127.5 - 1)
+        assert labels[i].item() == row["label"]
+    assert torch.equal(heldout[7].flatten(), torch.from_numpy(rows[heldout_rows[7]]["pixels"]).float() / 127.5 - 1)
+
+
 def test_bad_split_raises():
     with pytest.raises(ValueError, match="unknown split 'test'; valid: train, heldout, all"):
         load_digits("test")
