@@ -702,8 +702,8 @@ check_claim(
 )
 
 # %% [markdown]
-# So textual inversion, as section 2 warned, found no row of 64 numbers that makes this UNet strike the bar: its
-# samples for "a <bar> DIGIT" are plain digits, and its ordinary prompts are untouched. Both methods that train the
+# So textual inversion, as section 2 warned, drew the bar far less often than either method that trains the UNet
+# (its rate is printed above, beside theirs), and its ordinary prompts are untouched. Both methods that train the
 # UNet learnt the bar; DreamBooth-LoRA more completely, and with less leaking into ordinary prompts, than full
 # DreamBooth. These runs do not say why: the two differ in what they train and also in their learning rate (5e-5
 # for every weight, 1e-3 for the adapters, each the usual order for its kind), and one run of each cannot separate
