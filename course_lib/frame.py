@@ -44,7 +44,7 @@ from course_lib.edm import SIGMA_MAX, SIGMA_MIN, denoise
 from course_lib.flow import velocity
 from course_lib.profiles import randn_like
 from course_lib.schedules import Schedule
-from course_lib.solvers import karras_levels
+from course_lib.solvers import karras_levels, sigma_of_timestep
 
 ODE_SOLVERS = ("euler", "heun", "dpmpp_2m")
 
@@ -129,6 +129,29 @@ def denoiser(
 
     sigma_max = sigma_table[-1].item() if math.isfinite(sigma_table[-1].item()) else sigma_table[-2].item()
     return Denoiser(vp_fn, sigma_table[0].item(), max(sigma_max, SIGMA_MAX), clip, name)
+
+
+def as_vp_model(denoise_fn: Denoiser, schedule: Schedule) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    r"""The denoiser as an eps-prediction model on a VP schedule's clock, `model(xt, t) -> eps_hat`, so that the VP
+    samplers (`sampling.draw_samples`: DDPM, DDIM, DPM-Solver++(2M), Euler (Karras)) run any model of the course,
+    a flow or EDM model included, with the schedule's timesteps: the inverse of `denoiser` for "eps".
+
+    At timestep t (integer, or fractional as Euler (Karras) passes it) the level is $\sigma_t$
+    (`solvers.sigma_of_timestep`), the VE state is $x = x_t\sqrt{1 + \sigma_t^2}$ (that is $x_t / \sqrt{\bar\alpha_t}$),
+    and $\hat\epsilon = (x - D(x; \sigma_t)) / \sigma_t$. The course's samplers call every row with the same t;
+    a batch of mixed timesteps is refused. Pass a denoiser built with clip=None: the samplers clip x0_hat themselves.
+    """
+
+    def model(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        steps = torch.as_tensor(t).flatten().unique()
+        if len(steps) != 1:
+            raise ValueError(f"as_vp_model takes one timestep per batch; got {steps.tolist()[:4]}...")
+        sigma = sigma_of_timestep(schedule, steps.cpu()).item()
+        x = xt * math.sqrt(1 + sigma**2)
+        return ((x - denoise_fn(x, sigma)) / sigma).to(xt.dtype)
+
+    model.prediction_type = "eps"
+    return model
 
 
 def score(denoise_fn: Denoiser, x: torch.Tensor, sigma: float) -> torch.Tensor:

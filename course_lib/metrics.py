@@ -12,6 +12,7 @@ distribution, at the same sample count.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -160,22 +161,44 @@ def fid(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
 
     $$\mathrm{FID} = \|\mu_a - \mu_b\|^2 + \mathrm{tr}\big(\Sigma_a + \Sigma_b - 2 (\Sigma_a \Sigma_b)^{1/2}\big)$$
 
-    Computed in float64. $\Sigma_a \Sigma_b$ is not symmetric, but it has the same eigenvalues as the symmetric
-    positive semi-definite $M = \Sigma_a^{1/2} \Sigma_b \Sigma_a^{1/2}$ (AB and BA share their eigenvalues), so
-    $\mathrm{tr}(\Sigma_a \Sigma_b)^{1/2} = \sum_i \sqrt{\lambda_i(M)}$, from two symmetric eigendecompositions
-    (round-off below zero is clipped). Covariances use the unbiased 1 / (N - 1) normalisation, as pytorch-fid does.
-    FID is biased upwards at small N: compare it only with a floor at the same N (`real_floor`).
+    Computed in float64, without forming $(\Sigma_a \Sigma_b)^{1/2}$: write $\Sigma_a = X^\top X$ with X the centred
+    features over $\sqrt{N - 1}$ (N x F) when N <= F, else the symmetric root $\Sigma_a^{1/2}$ (F x F). Then
+    $X \Sigma_b X^\top$ is symmetric positive semi-definite with the nonzero eigenvalues of
+    $\Sigma_b X^\top X = \Sigma_b \Sigma_a$ (AB and BA share them), so
+    $\mathrm{tr}(\Sigma_a \Sigma_b)^{1/2} = \sum_i \sqrt{\lambda_i(X \Sigma_b X^\top)}$ (round-off below zero
+    clipped), from a matrix at most min(N, F) square: cheap at small N, where `fid_with_spread`'s bootstrap calls it
+    a hundred times. The set with fewer rows plays a (FID is symmetric). Covariances use the unbiased 1 / (N - 1)
+    normalisation, as pytorch-fid does. FID is biased upwards at small N: compare it only with a floor at the same
+    N (`real_floor`).
 
-    code -> symbol: mu_a, mu_b -> $\mu_a, \mu_b$;  sigma_a, sigma_b -> $\Sigma_a, \Sigma_b$;  root_a -> $\Sigma_a^{1/2}$
+    code -> symbol: mu_a, mu_b -> $\mu_a, \mu_b$;  sigma_b -> $\Sigma_b$;  x -> $X$
     """
     a, b = _check_features(features_a, features_b)
+    if len(a) > len(b):
+        a, b = b, a
     mu_a, mu_b = a.mean(dim=0), b.mean(dim=0)  # (F,)
-    sigma_a, sigma_b = torch.cov(a.T), torch.cov(b.T)  # (F, F)
-    values, vectors = torch.linalg.eigh(sigma_a)
-    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T  # Sigma_a^{1/2}
-    m = root_a @ sigma_b @ root_a
-    trace_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).square().sum() + sigma_a.trace() + sigma_b.trace() - 2 * trace_sqrt).item()
+    centred_a, centred_b = a - mu_a, b - mu_b
+    x = _covariance_factor(centred_a)  # (min(N, F), F), x^T x = Sigma_a
+    if len(b) <= b.shape[1]:  # Sigma_b = y^T y with y (M, F): x Sigma_b x^T = (x y^T)(x y^T)^T
+        product = x @ centred_b.T / math.sqrt(len(b) - 1)
+        middle = product @ product.T
+    else:
+        sigma_b = centred_b.T @ centred_b / (len(b) - 1)  # (F, F)
+        middle = x @ sigma_b @ x.T
+    trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    trace_a = centred_a.square().sum() / (len(a) - 1)  # tr Sigma = the mean squared distance to the mean
+    trace_b = centred_b.square().sum() / (len(b) - 1)
+    return ((mu_a - mu_b).square().sum() + trace_a + trace_b - 2 * trace_sqrt).item()
+
+
+def _covariance_factor(centred: torch.Tensor) -> torch.Tensor:
+    """X with X^T X = the covariance of `centred` (N, F) features: the rows over sqrt(N - 1) when N <= F, else the
+    symmetric root of the covariance (F, F), from its eigendecomposition (round-off below zero clipped)."""
+    rows, width = centred.shape
+    if rows <= width:
+        return centred / math.sqrt(rows - 1)
+    values, vectors = torch.linalg.eigh(centred.T @ centred / (rows - 1))
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
 
 
 def kid(

@@ -42,6 +42,8 @@ class Profile:
     vae_digits: int  # held-out digits sent through the VAE and back (chapter 6; 200..1000)
     lora_train_steps: int  # steps of the LoRA fine-tune trained live (chapter 8)
     style_samples: int  # digits sampled to measure a style (chapter 8)
+    float64_digits: int  # digits sampled in float64 to check an identity to rounding (slow on a CPU; chapter 11)
+    diagnose_digits: int  # held-out digits a model is measured on by `diagnose` (chapter 15; its default is 128)
 
 
 PROFILES = {
@@ -63,6 +65,8 @@ PROFILES = {
         vae_digits=200,
         lora_train_steps=2,
         style_samples=20,  # two of each digit: the spread within classes needs two
+        float64_digits=4,
+        diagnose_digits=32,
     ),
     "cpu": Profile(
         "cpu",
@@ -82,6 +86,8 @@ PROFILES = {
         vae_digits=1000,
         lora_train_steps=100,
         style_samples=100,
+        float64_digits=16,
+        diagnose_digits=128,
     ),
     "gpu": Profile(
         "gpu",
@@ -101,6 +107,8 @@ PROFILES = {
         vae_digits=1000,
         lora_train_steps=600,
         style_samples=500,
+        float64_digits=16,
+        diagnose_digits=128,
     ),
 }
 

@@ -142,6 +142,16 @@ RECIPES = {
             # at most 5e-5; this run measures whether that last step matters
             about="v, plain MSE, cosine rescaled to zero terminal SNR",
         ),
+        # --- issue 15's flagship: the comparison's leader (cmp_flow_logit, best FID at 10, 20 and 50 calls), trained
+        # on from its weights with a fresh warm-up and cosine, to the shipped eps model's 768,000 images in all
+        Recipe(
+            "unet_mnist_flow_logit",
+            DIGIT_MODEL,
+            replace(FINE_TUNE_CONFIG, steps=4000, objective="flow", time_sampling="logit_normal", seed=1, **_plain),
+            schedule=None,
+            init_from="cmp_flow_logit",
+            about="flow matching, t logit-normal(0, 1): cmp_flow_logit trained on (the flagship)",
+        ),
         # --- chapter 12's transformer study ----------------------------------------------------------------
         Recipe(
             "latent_unet_flow_class",

@@ -125,6 +125,7 @@ findings = diagnose(
     sampler=SamplerSettings("DDIM", steps=50),
     samples=healthy,
     classifier=classifier,
+    n=profile.diagnose_digits,  # 128, diagnose's default, in the cpu and gpu profiles
 )
 report(findings)
 check_claim(not findings, "diagnose finds nothing wrong with the working set-up", f"{len(findings)} findings")
@@ -144,7 +145,7 @@ def named(findings, words: str) -> bool:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-findings = diagnose(model=model, schedule=schedule, heldout=(digits + 1) / 2)
+findings = diagnose(model=model, schedule=schedule, heldout=(digits + 1) / 2, n=profile.diagnose_digits)
 report(findings)
 check_claim(named(findings, "instead of [-1, 1]"), "diagnose names data in [0, 1]", f"{len(findings)} finding(s)")
 
@@ -173,7 +174,7 @@ check_claim(
     f"{before['fid']:.2f} ± {before['fid_sd']:.2f} against {after['fid']:.2f} ± {after['fid_sd']:.2f}",
     decisive,
 )
-findings = diagnose(model=off_by_one, schedule=schedule, heldout=digits)
+findings = diagnose(model=off_by_one, schedule=schedule, heldout=digits, n=profile.diagnose_digits)
 report(findings)
 check_claim(named(findings, "off-by-one"), "diagnose names the off-by-one timestep", f"{len(findings)} finding(s)")
 
@@ -185,7 +186,7 @@ check_claim(named(findings, "off-by-one"), "diagnose names the off-by-one timest
 
 # %%
 for name in ("unet_mnist_eps", "cmp_eps"):
-    fit = timestep_offset(load_model(name), schedule, digits[:128])
+    fit = timestep_offset(load_model(name), schedule, digits[: profile.diagnose_digits])
     print(f"{name} called correctly: fitted offset {fit['offset']:+.2f} (a finding beyond ± {OFFSET_LIMIT})")
 
 # %% [markdown]
@@ -220,7 +221,9 @@ check_claim(
     f"{misread_share:.2f} against {healthy_share:.2f}",
     decisive,
 )
-findings = diagnose(model=unlabelled, schedule=schedule, heldout=digits, sampler=SamplerSettings("DDIM"))
+findings = diagnose(
+    model=unlabelled, schedule=schedule, heldout=digits, sampler=SamplerSettings("DDIM"), n=profile.diagnose_digits
+)
 report(findings)
 check_claim(named(findings, "prediction-type mismatch"), "diagnose names the mismatch", f"{len(findings)} finding(s)")
 

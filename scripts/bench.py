@@ -26,6 +26,9 @@ Figures:
     comparison   chapter 11's equal-budget runs through one frame: each finished run's best ODE solver at 10, 20 and
                  50 network calls and a many-step reference, FID with spread (also data/benchmarks/comparison.json;
                  runs measured before are kept)
+    flagship     issue 15's flagship (unet_mnist_flow_logit) against the digit model's targets: DDIM-50 and -100,
+                 DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000, FID with spread and confident fraction,
+                 drawn in chunks that a stopped run resumes (also data/benchmarks/flagship.json)
     transformer  chapter 12's study: each finished DiT and the latent UNet, class-conditional flow on latents:
                  parameters, GFLOPs, training compute and time, ms per image, FID with spread and accuracy at
                  guidance 1 and 2 (also data/benchmarks/transformer.json; runs measured before are kept)
@@ -65,6 +68,7 @@ from course_lib.weights import load_card, load_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comparison import comparison  # noqa: E402
 from bench_conditional import captions, guidance  # noqa: E402
+from bench_flagship import flagship  # noqa: E402
 from bench_transformer import transformer  # noqa: E402
 from report import replace_section  # noqa: E402
 
@@ -330,6 +334,7 @@ FIGURES = {
     "flow": flow,
     "captions": captions,
     "comparison": comparison,
+    "flagship": flagship,
     "transformer": transformer,
 }
 SAMPLED = (
@@ -340,6 +345,7 @@ SAMPLED = (
     "flow",
     "captions",
     "comparison",
+    "flagship",
     "transformer",
 )  # the figures that take --samples
 

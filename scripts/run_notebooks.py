@@ -25,6 +25,7 @@ from sync_notebooks import NOTEBOOKS, sync  # noqa: E402
 
 
 def run(path: Path, profile: str, store: bool) -> float:
+    """The notebook's wall time in seconds, from the kernel's start to its last cell."""
     sync(path.with_suffix(".py"))
     notebook = nbformat.read(path, as_version=4)
     os.environ["COURSE_PROFILE"] = profile
@@ -35,6 +36,23 @@ def run(path: Path, profile: str, store: bool) -> float:
     if store:
         nbformat.write(notebook, path)
     return seconds
+
+
+def busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks, from Linux's /proc/stat; None elsewhere."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    ticks = [int(value) for value in stat.read_text().splitlines()[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def cores_busy(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """How many cores were busy on average between two `busy_jiffies` readings (the notebook's own one included)."""
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
 
 
 def read_rows(report: Path, profile: str) -> dict[str, str]:
@@ -48,19 +66,28 @@ def read_rows(report: Path, profile: str) -> dict[str, str]:
     return {row.split("|")[1].strip(): row for row in rows if len(row.split("|")) >= 6}
 
 
-def write_report(report: Path, profile: str, rows: list[tuple[str, float]], command: str) -> None:
+def write_report(report: Path, profile: str, rows: list[tuple[str, float, float | None]], command: str) -> None:
     """Rewrite this profile's table: the rows just measured replace theirs, the other notebooks keep their own
-    (each row says when and how it was measured, so a table can be completed chapter by chapter)."""
+    (each row says when, how and on how busy a machine it was measured, so a table can be completed chapter by
+    chapter). A row from before the busy-cores column gets "not recorded" there."""
     from course_lib.profiles import describe_machine  # here, not on top: torch takes seconds to import (--help)
 
     table = read_rows(report, profile)
-    for name, seconds in rows:
-        table[name] = f"| {name} | {seconds:.0f} | {date.today()} | `{command}` |"
+    for name, row in table.items():
+        cells = row.split(" | ")
+        if len(cells) == 4:  # | name | seconds | date | command |: from before the busy-cores column
+            table[name] = " | ".join([*cells[:3], "not recorded", cells[3]])
+    for name, seconds, busy in rows:
+        busy_cell = "not measured" if busy is None else f"{busy:.1f}"
+        table[name] = f"| {name} | {seconds:.0f} | {date.today()} | {busy_cell} | `{command}` |"
     lines = [
         f"Profile `{profile}`, on {describe_machine()}:",
         "",
-        "| notebook | wall time (s) | measured | command |",
-        "|---|---:|---|---|",
+        f"Cores busy: how many of the machine's {os.cpu_count()} cores were busy on average during the run, the "
+        "notebook's own one included (about 1.0: nothing else ran; more: the time was measured beside other work).",
+        "",
+        "| notebook | wall time (s) | measured | cores busy | command |",
+        "|---|---:|---|---:|---|",
         *[table[name] for name in sorted(table)],
     ]
     replace_section(report, f"notebooks:{profile}", lines)
@@ -78,9 +105,12 @@ def main() -> None:
         paths = [p for p in paths if p.name[:2] in args.chapters]
     rows = []
     for path in paths:
+        before = busy_jiffies()
         seconds = run(path.with_suffix(".ipynb"), args.profile, args.store)
-        rows.append((path.stem, seconds))
-        print(f"{path.stem}: {seconds:.1f} s ({args.profile})", flush=True)
+        busy = cores_busy(before, busy_jiffies())  # what else the machine was doing meanwhile
+        rows.append((path.stem, seconds, busy))
+        beside = "" if busy is None else f"; {busy:.1f} cores busy"
+        print(f"{path.stem}: {seconds:.1f} s ({args.profile}{beside})", flush=True)
     if args.report:
         write_report(args.report, args.profile, rows, "python " + " ".join(sys.argv))
 

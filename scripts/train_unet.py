@@ -114,6 +114,8 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
     }
     if recipe.init_from:
         card["training"]["init_from"] = f"data/{recipe.init_from}.safetensors (new layers initialised as no-ops)"
+        before = load_card(recipe.init_from)["training"]["images_seen"]
+        card["training"]["images_seen_in_all"] = before + card["training"]["images_seen"]  # with init_from's
     if recipe.condition:
         card["condition"] = {
             "labels": {"kind": "labels 0-9, 10 = no label", "dropout": LABEL_DROPOUT},

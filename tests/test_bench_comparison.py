@@ -116,3 +116,31 @@ def test_the_transformer_table_shows_each_scale_of_each_finished_run(monkeypatch
     assert "| DiT | 0.33 M | 0.012 | 4.6 | 10 | 2.0 | 3.00 ± 0.50 | 4.00 ± 0.50 | 0.800 / 0.950 | 0.900 |" in row
     assert "(floor 1.00 ± 0.30)" in lines[0]
     assert "Not finished yet: `dit_m`" in lines[-1] and "`dit_l`" in lines[-1]
+
+
+def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, tmp_path):
+    import bench_flagship
+    import torch
+
+    calls = []
+
+    def fake_draw(model, schedule, sampler, steps, n, seed):
+        calls.append(seed)
+        if len(calls) == 3 and stop_at_third:
+            raise KeyboardInterrupt  # the session ends while the third chunk is drawn
+        value = torch.linspace(-1, 1, 11)[seed // 1000 % 11]
+        return torch.full((n, 1, 2, 2), value.item()), 1.0
+
+    monkeypatch.setattr(bench_flagship, "draw_samples", fake_draw)
+    monkeypatch.setattr(bench_flagship, "chunks_path", lambda: tmp_path / "chunks.pt")
+    n = 2 * bench_flagship.CHUNK + 7
+    stop_at_third, chunks = True, {}
+    with pytest.raises(KeyboardInterrupt):
+        bench_flagship.draw(None, None, "DDPM", 1000, n, chunks, "card")
+    saved = torch.load(tmp_path / "chunks.pt", weights_only=True)
+    assert saved["card_sha256"] == "card" and len(saved["chunks"]["DDPM-1000"]) == 2
+    stop_at_third, calls = False, []
+    samples, seconds = bench_flagship.draw(None, None, "DDPM", 1000, n, saved["chunks"], "card")
+    assert calls == [2000] and seconds == 3.0  # only the missing chunk, from its own seed
+    uninterrupted, _ = bench_flagship.draw(None, None, "DDPM", 1000, n, {}, "card")
+    assert samples.shape == (n, 1, 2, 2) and torch.allclose(samples, uninterrupted, atol=1 / 127.5)

@@ -61,6 +61,20 @@ def test_fid_agrees_with_a_scipy_sqrtm_reference():
     assert fid(a, b) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.parametrize("n_a, n_b", [(10, 12), (10, 300), (300, 10), (17, 16)])
+def test_fid_with_fewer_samples_than_features_agrees_with_scipy(n_a, n_b):
+    # Fewer rows than features (N <= F) takes the factor route: tr(Sigma_a Sigma_b)^(1/2) from an N x N matrix.
+    linalg = pytest.importorskip("scipy.linalg")
+    generator = torch.Generator().manual_seed(n_a + n_b)
+    a = torch.randn(n_a, 16, generator=generator) @ torch.randn(16, 16, generator=generator)
+    b = torch.randn(n_b, 16, generator=generator) * 2 + 0.3
+    sigma_a, sigma_b = torch.cov(a.double().T).numpy(), torch.cov(b.double().T).numpy()
+    root = linalg.sqrtm(sigma_a @ sigma_b).real
+    expected = (a.double().mean(0) - b.double().mean(0)).square().sum().item() + (sigma_a + sigma_b - 2 * root).trace()
+    assert fid(a, b) == pytest.approx(expected, rel=1e-6)
+    assert fid(b, a) == pytest.approx(fid(a, b), rel=1e-12)
+
+
 def test_kid_matches_the_unbiased_double_sum_and_separates_distributions():
     generator = torch.Generator().manual_seed(7)
     a, b = torch.randn(6, 3, generator=generator), torch.randn(6, 3, generator=generator) + 0.5

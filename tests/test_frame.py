@@ -11,6 +11,7 @@ from course_lib.ddpm import OUTPUT_KINDS, prediction_targets, split_output, v_fr
 from course_lib.frame import (
     Denoiser,
     annealed_langevin,
+    as_vp_model,
     denoiser,
     levels,
     ode_sample,
@@ -108,6 +109,20 @@ def test_a_vp_eps_model_and_a_flow_model_give_the_same_exact_denoiser(sigma):
     torch.testing.assert_close(flow(x, sigma), want, atol=1e-6, rtol=1e-6)
     # Tweedie: the score of the noised data from the denoiser
     torch.testing.assert_close(score(vp, x, sigma), ve_mixture(mixture, sigma).score(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [0, 37, 500.25, 999])
+def test_a_flow_model_as_a_vp_model_predicts_the_exact_noise(t):
+    # as_vp_model inverts `denoiser`: the exact flow model, read on the cosine clock, is the exact VP eps-model
+    mixture, schedule = ring_2d(), make_schedule("cosine", T=1000)
+    vp_flow = as_vp_model(denoiser(exact_flow_model(mixture), "velocity", clip=None), schedule)
+    xt = torch.randn(16, 2, generator=torch.Generator().manual_seed(1))
+    timesteps = torch.full((16,), t, dtype=torch.float64 if isinstance(t, float) else torch.long)
+    want = exact_vp_eps_model(mixture, schedule)(xt, timesteps)
+    torch.testing.assert_close(vp_flow(xt, timesteps), want, atol=1e-6, rtol=1e-5)
+    assert vp_flow.prediction_type == "eps"
+    with pytest.raises(ValueError, match="one timestep per batch"):
+        vp_flow(xt[:2], torch.tensor([3, 4]))
 
 
 def test_an_edm_network_is_read_through_its_preconditioning():

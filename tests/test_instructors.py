@@ -4,6 +4,7 @@ page whose commands, training times and budgets come from the scripts, the model
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import nbformat
+import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -141,6 +143,38 @@ def test_the_run_times_on_the_page_are_those_measured_in_benchmarks():
             minutes, seconds = re.fullmatch(r"(?:(\d+) min )?(\d+) s", shown).groups()
             assert int(minutes or 0) * 60 + int(seconds) == measured[chapter], (profile, chapter, shown)
     assert "<!-- notebooks:cpu:begin -->" in benchmarks  # the cpu times are measured: the page shows them
+
+
+SMOKE_BUDGET_S = 30  # every chapter's smoke run (docs/writing-notebooks.md; issues 15-17)
+
+
+def test_every_notebook_meets_the_smoke_budget_as_measured():
+    # The table is rewritten by `run_notebooks.py --profile smoke --report docs/benchmarks.md`: a chapter that
+    # grows past the budget fails here as soon as its new time is recorded, not when a reviewer notices.
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    _, times = syllabus.run_times(benchmarks, "smoke")
+    assert len(times) == len(load_syllabus()["chapters"]), sorted(times)
+    over = {name: seconds for name, (seconds, _) in times.items() if seconds > SMOKE_BUDGET_S}
+    assert not over, f"over the smoke budget of {SMOKE_BUDGET_S} s: {over}"
+
+
+def test_a_timing_row_says_how_busy_the_machine_was(tmp_path, monkeypatch):
+    import run_notebooks
+
+    report = tmp_path / "benchmarks.md"
+    old_row = "| 01_forward_diffusion | 8 | 2026-12-01 | `python scripts/run_notebooks.py --profile smoke` |"
+    report.write_text(
+        "<!-- notebooks:smoke:begin -->\nProfile `smoke`, on a test machine:\n\n| notebook | wall time (s) | measured "
+        f"| command |\n|---|---:|---|---|\n{old_row}\n<!-- notebooks:smoke:end -->\n"
+    )
+    run_notebooks.write_report(report, "smoke", [("02_noise_schedules", 12.4, 1.04)], "python x.py")
+    text = report.read_text()
+    assert "| 01_forward_diffusion | 8 | 2026-12-01 | not recorded | `python scripts/run_notebooks.py" in text
+    assert "| 02_noise_schedules | 12 | " in text and " | 1.0 | `python x.py` |" in text
+    _, times = syllabus.run_times(text, "smoke")  # the syllabus still reads the rows
+    assert times["02_noise_schedules"][0] == 12 and times["01_forward_diffusion"][0] == 8
+    assert run_notebooks.cores_busy((100, 1000), (150, 1100)) == pytest.approx(0.5 * os.cpu_count())
+    assert run_notebooks.cores_busy(None, (150, 1100)) is None
 
 
 def test_a_gpu_section_in_benchmarks_appears_on_the_page():

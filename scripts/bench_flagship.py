@@ -1,0 +1,133 @@
+"""Issue 15's flagship for scripts/bench.py: the shipped flow model (`unet_mnist_flow_logit`, the comparison's
+leader trained on) against the course's digit-model targets, at n = 1,000 with spreads:
+
+    python scripts/bench.py flagship --samples 1000 --threads 1
+
+Every sampler runs on the cosine schedule's clock (`frame.as_vp_model`: the flow model read as an eps model), from
+the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000 (ancestral). The targets:
+DDIM-50's FID <= 3x the real-vs-real floor and >= 90% of its samples read with confidence; DDIM-50 within 1.25x
+of DDPM-1000's FID; DPM-Solver++(2M)-20 within 1.2x of DDIM-100's; Euler (Karras)-20 within 1.2x of
+DPM-Solver++(2M)-20's. A ratio is read beside the spreads of both FIDs.
+
+DDPM-1000 makes a million network calls at n = 1,000 (about two hours on one CPU thread), so samples are drawn in
+chunks of CHUNK, each from its own seed (the same chunks for every sampler), and every finished chunk is kept in
+data/training/bench_flagship_chunks.pt (committed while unfinished, like a training checkpoint): a stopped run
+resumes at the chunk it was drawing, in a later session too. The chunks of a model whose card changed are dropped;
+the file is removed once every sampler is measured.
+"""
+
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from course_lib.benchmark import card_digest, load_results, results_path, save_results
+from course_lib.data import data_dir
+from course_lib.frame import as_vp_model, denoiser
+from course_lib.metrics import load_digit_classifier, sample_scores
+from course_lib.profiles import describe_machine
+from course_lib.recipes import DIGIT_SCHEDULE
+from course_lib.sampling import draw_samples
+from course_lib.schedules import make_schedule
+from course_lib.weights import load_card, load_model
+
+NAME = "unet_mnist_flow_logit"
+CHUNK = 50  # samples per chunk: one batch; DDPM-1000 takes about 7 minutes a chunk on one thread
+RUNS = [("DDIM", 50), ("DDIM", 100), ("DPM-Solver++(2M)", 20), ("Euler (Karras)", 20), ("DDPM", 1000)]
+# (what is measured, its reference, the largest ratio of their FIDs)
+RATIO_TARGETS = [
+    (("DDIM", 50), ("DDPM", 1000), 1.25),
+    (("DPM-Solver++(2M)", 20), ("DDIM", 100), 1.2),
+    (("Euler (Karras)", 20), ("DPM-Solver++(2M)", 20), 1.2),
+]
+FLOOR_TIMES, CONFIDENT = 3.0, 0.9  # DDIM-50's FID against the floor, and its confident fraction
+
+
+def chunks_path() -> Path:
+    return data_dir() / "training" / "bench_flagship_chunks.pt"
+
+
+def draw(model, schedule, sampler: str, steps: int, n: int, chunks: dict, digest: str) -> tuple[torch.Tensor, float]:
+    """n samples of one sampler, chunk by chunk (chunk k from seed 1000 k), saving each finished chunk."""
+    key = f"{sampler}-{steps}"
+    done = chunks.setdefault(key, [])
+    while len(done) * CHUNK < n:
+        k = len(done)
+        samples, seconds = draw_samples(model, schedule, sampler, steps, min(CHUNK, n - k * CHUNK), seed=1000 * k)
+        done.append({"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds})
+        torch.save({"card_sha256": digest, "chunks": chunks}, chunks_path())
+        print(f"{key}: chunk {k + 1} of {-(-n // CHUNK)} ({seconds:.0f} s)", flush=True)
+    samples = torch.cat([chunk["samples"] for chunk in done])[:n].float() / 127.5 - 1
+    return samples, sum(chunk["seconds"] for chunk in done)
+
+
+def flagship(n: int) -> list[str]:
+    if not (data_dir() / f"{NAME}.json").exists():
+        return [f"`{NAME}` is not exported yet: train it (`python scripts/train_unet.py --recipe {NAME}`) first."]
+    card, digest = load_card(NAME), card_digest(NAME)
+    schedule = make_schedule(**DIGIT_SCHEDULE)
+    model = as_vp_model(denoiser(load_model(NAME), clip=None), schedule)
+    saved = torch.load(chunks_path(), weights_only=True) if chunks_path().exists() else {}
+    chunks = saved["chunks"] if saved.get("card_sha256") == digest else {}
+    classifier = load_digit_classifier()
+    old = load_results("flagship") if results_path("flagship").exists() else {}
+    results = {"model": NAME, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
+    kept = old.get("runs", {}) if old.get("card_sha256") == digest and old.get("n") == n else {}
+    results["runs"] = kept
+    for sampler, steps in RUNS:
+        key = f"{sampler}-{steps}"
+        if key in kept:
+            continue
+        began = time.perf_counter()
+        samples, seconds = draw(model, schedule, sampler, steps, n, chunks, digest)
+        results["runs"][key] = {
+            "sampler": sampler,
+            "steps": steps,
+            "seconds": seconds,
+            **sample_scores(classifier, samples),
+        }
+        save_results("flagship", results)
+        print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s)", flush=True)
+    chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
+    return report(results, card)
+
+
+def report(results: dict, card: dict) -> list[str]:
+    runs, n = results["runs"], results["n"]
+    training = card["training"]
+    ddim50 = runs["DDIM-50"]
+    rows = [
+        f"| {run['sampler']} | {run['steps']} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
+        f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
+        for run in runs.values()
+    ]
+    floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
+    lines = [
+        f"Model `{NAME}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
+        f"training images in all, the shipped eps model's 768,000 the goal), {n} samples per sampler from the same "
+        f"noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} held-out digits, floor "
+        f"{floor:.2f} ± {floor_sd:.2f}. Also written to `data/benchmarks/flagship.json`.",
+        "",
+        "| sampler | steps | FID ± sd | confident (>= 0.9) | ms / image |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+        "",
+        "| target | measured | met |",
+        "|---|---:|---|",
+        f"| DDIM-50 FID <= {FLOOR_TIMES:g}x the floor | {ddim50['fid'] / floor:.2f}x | "
+        f"{'yes' if ddim50['fid'] <= FLOOR_TIMES * floor else '**no**'} |",
+        f"| DDIM-50 confident >= {CONFIDENT:.0%} | {ddim50['confident_fraction']:.1%} | "
+        f"{'yes' if ddim50['confident_fraction'] >= CONFIDENT else '**no**'} |",
+    ]
+    for (sampler, steps), (ref_sampler, ref_steps), limit in RATIO_TARGETS:
+        run, reference = runs.get(f"{sampler}-{steps}"), runs.get(f"{ref_sampler}-{ref_steps}")
+        if run is None or reference is None:
+            continue
+        ratio = run["fid"] / reference["fid"]
+        lines.append(
+            f"| {sampler}-{steps} FID <= {limit}x {ref_sampler}-{ref_steps}'s | {ratio:.2f}x ({run['fid']:.2f} ± "
+            f"{run['fid_sd']:.2f} against {reference['fid']:.2f} ± {reference['fid_sd']:.2f}) | "
+            f"{'yes' if ratio <= limit else '**no**'} |"
+        )
+    return lines
