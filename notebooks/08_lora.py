@@ -353,7 +353,7 @@ check_claim(
 # Both fine-tunes overshoot: their digits come out thicker than the bold training digits themselves (3.40). The
 # user scale s of section 4 takes back part of the update without any training, so `python scripts/train_lora.py
 # --style bold --scales 0.5 0.7 0.85 1` judged the shipped adapter at four scales, on the same noise and in the same
-# way as above (and the slant adapter likewise; no full fine-tune was run for slant, so its reach is not known).
+# way as above (and the slant adapter likewise, against its own full fine-tune).
 
 # %%
 sweeps = {style: load_results(f"lora_{style}_scales") for style in ("bold", "slant")}
@@ -370,7 +370,7 @@ axes[0].axhline(1.5, color="gray", ls=":", label="target: 1.5x")
 axes[0].set(xlabel="LoRA scale s", ylabel="FID / base model's FID", title="fidelity (band: ± 1 sd of the FID)")
 axes[0].legend()
 axes[1].axhline(90, color="gray", ls=":", label="target: 90%")
-axes[1].set(xlabel="LoRA scale s", ylabel="% of the full fine-tune's move", title="style (bold)")
+axes[1].set(xlabel="LoRA scale s", ylabel="% of the full fine-tune's move", title="style")
 axes[1].legend()
 plt.tight_layout()
 plt.show()
@@ -389,9 +389,10 @@ for style, sweep in sweeps.items():
 # Lowering the scale lowers the FID and moves the style less, for both adapters. For bold, s = 0.85 meets both the
 # style target and the FID target (the scale `scripts/train_lora.py` writes into the card as recommended); there the
 # adapter's FID cannot be told from the base model's at n = 300, while at full strength it is clearly worse. No
-# scale brings the largest class under 15%: the eights stay. For slant, the FID target holds only up to s = 0.7,
-# where the slant has moved less than half of the way to the training digits': that adapter needs more than a dial
-# (a longer run or another rank, with a full fine-tune to compare with), and the card says so by its numbers.
+# scale brings the largest class under 15%: the eights stay. The slant adapter (trained for twice bold's steps,
+# 1,200: `scripts/train_lora.py` gives each style its own count, and the card records it) keeps the FID within
+# 1.5x at every scale, but only at full strength does it move the slant 90% as far as its full fine-tune, and below
+# s = 0.85 its largest class rises over 15%: s = 1 meets every target, and its card recommends s = 1.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -431,13 +432,28 @@ check_claim(
     "no scale brings bold's largest class under 15%",
     ", ".join(f"s = {s:g}: {run['kept']['model']['largest_class_share']:.1%}" for s, run in bold_runs.items()),
 )
-slant_ok = [s for s, run in slant_runs.items() if run["kept"]["fid_ratio"] <= 1.5]
-data_slant = load_card("lora_slant")["style_measure"]["data"]
-slant_move = (slant_runs[max(slant_ok)]["measure"] - sweeps["slant"]["base"]) / (data_slant - sweeps["slant"]["base"])
+full_slant = slant_runs[1.0]
 check_claim(
-    max(slant_ok) == 0.7 and slant_move < 0.5,
-    "slant meets the FID target only up to s = 0.7, where it has moved less than half way to the data's slant",
-    f"scales meeting it: {slant_ok}; at s = {max(slant_ok):g} the slant moved {slant_move:.0%} of the way",
+    all(run["kept"]["fid_ratio"] <= 1.5 for run in slant_runs.values())
+    and all(run["reach"] < 0.9 for s, run in slant_runs.items() if s < 1)
+    and all(run["kept"]["model"]["largest_class_share"] > 0.15 for s, run in slant_runs.items() if s < 0.85),
+    "slant keeps the FID within 1.5x at every scale, reaches 90% of its full fine-tune only at s = 1, and below "
+    "s = 0.85 its largest class is over 15%",
+    ", ".join(
+        f"s = {s:g}: FID {run['kept']['fid_ratio']:.2f}x, reach {run['reach']:.0%}, largest class "
+        f"{run['kept']['model']['largest_class_share']:.1%}"
+        for s, run in slant_runs.items()
+    ),
+)
+check_claim(
+    full_slant["reach"] >= 0.9
+    and full_slant["kept"]["fid_ratio"] <= 1.5
+    and full_slant["kept"]["model"]["largest_class_share"] <= 0.15
+    and load_card("lora_slant")["recommended_scale"]["scale"] == 1.0
+    and load_card("lora_slant")["training"]["steps"] == 2 * load_card("lora_bold")["training"]["steps"],
+    "slant (twice bold's training steps) at s = 1 meets every target, and its card recommends s = 1",
+    f"reach {full_slant['reach']:.0%}, FID {full_slant['kept']['fid_ratio']:.2f}x the base's, largest class "
+    f"{full_slant['kept']['model']['largest_class_share']:.1%}",
 )
 
 # %% [markdown]
@@ -485,7 +501,7 @@ print("peft and course_lib agree on the shipped adapter:", bool(agree))
 # - A few percent of the parameters, a file of a few percent of the model's, and the style measure moves as far as
 #   a full fine-tune moves it; at full strength, though, the adapter keeps less of the model's quality than the
 #   full fine-tune does, and the user scale trades that back: bold at s = 0.85 meets the style and FID targets
-#   (section 5, measured and checked); no scale fixes the eights, and slant needs more than a dial.
+#   (section 5, measured and checked), though no scale fixes the eights; slant meets them at full strength.
 # - A fine-tune is judged by what it must keep as well as what it must change: the class histogram of its samples
 #   and its FID beside the base model's. A style measure alone missed that label-ordered data taught "zeros".
 # - The user scale dials the style continuously; adapters add up; merging folds $W + s\frac{\alpha}{r} B A$ into
