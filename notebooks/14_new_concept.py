@@ -729,6 +729,7 @@ concept_models = {
 }
 prompts = [f"a {TOKEN} {{}}", f"a thick {TOKEN} {{}}", f"a {TOKEN} {{}} leaning right"]
 words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+words = words[: min(10, profile.grid_images // len(prompts))]  # a grid of len(prompts) rows: all ten in cpu and gpu
 live = {}
 for method, model in concept_models.items():
     for prompt in prompts:
@@ -738,7 +739,7 @@ for method, model in concept_models.items():
         )[0]
 fig, axes = plt.subplots(1, 3, figsize=(15, 2.8))
 for ax, method in zip(axes, METHODS, strict=True):
-    show_images(torch.cat([live[method, p] for p in prompts]), nrow=10, ax=ax, title=method)
+    show_images(torch.cat([live[method, p] for p in prompts]), nrow=len(words), ax=ax, title=method)
 plt.tight_layout()
 plt.show()
 print("rows: " + " / ".join(repr(p.format("DIGIT")) for p in prompts))

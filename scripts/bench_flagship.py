@@ -131,3 +131,11 @@ def report(results: dict, card: dict) -> list[str]:
             f"{'yes' if ratio <= limit else '**no**'} |"
         )
     return lines
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()  # --help prints the above and stops
+    parser.error("this file holds a figure for scripts/bench.py: run `python scripts/bench.py flagship`")
