@@ -180,6 +180,15 @@ def waiting_lines(about: dict[str, str], measured: dict) -> list[str]:
     return ["", "Not finished yet: " + ", ".join(waiting) + "."] if waiting else []
 
 
+def best_solver(result: dict, budget: int) -> dict:
+    """Of one run's measurements in a study of solvers at network-call budgets (`scripts/bench.py comparison`:
+    result["runs"], each with "budget" and "fid"), the one with the lowest FID at this budget."""
+    at_budget = [run for run in result["runs"] if run["budget"] == budget]
+    if not at_budget:
+        raise ValueError(f"no run at budget {budget}; measured: {sorted({run['budget'] for run in result['runs']})}")
+    return min(at_budget, key=lambda run: run["fid"])
+
+
 def measure_new_runs(figure: str, names: Iterable[str], n: int, measure: Callable[[str], dict]) -> dict:
     """data/benchmarks/FIGURE.json with every finished run of `names` measured at n: a run measured before at the
     same n with the same card is kept, any other is measured (`measure(name)` -> its results) and saved at once,

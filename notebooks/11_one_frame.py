@@ -65,7 +65,7 @@ import time
 import matplotlib.pyplot as plt
 import torch
 
-from course_lib.benchmark import load_results
+from course_lib.benchmark import best_solver, load_results
 from course_lib.claims import check_claim, clearly_below
 from course_lib.data import data_dir, load_digits
 from course_lib.ddpm import OUTPUT_KINDS, ddpm_sample, prediction_targets, split_output
@@ -758,12 +758,10 @@ plt.show()
 
 # %%
 measured = load_results("comparison")["runs"]
-best_at = {}  # run -> {budget: its best solver's run at that many calls}
-for name, result in measured.items():
-    budgets = sorted({run["budget"] for run in result["runs"]})
-    best_at[name] = {
-        b: min((run for run in result["runs"] if run["budget"] == b), key=lambda run: run["fid"]) for b in budgets
-    }
+best_at = {  # run -> {budget: its best solver's measurement at that many calls}
+    name: {b: best_solver(result, b) for b in sorted({run["budget"] for run in result["runs"]})}
+    for name, result in measured.items()
+}
 fig, ax = plt.subplots(figsize=(6.5, 3.8))
 for index, (name, best) in enumerate(best_at.items()):
     calls = [run["calls"] for run in best.values()]

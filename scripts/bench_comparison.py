@@ -11,7 +11,7 @@ same card, is kept, not measured again: the runs finish one by one across sessio
 n = 300 on one thread).
 """
 
-from course_lib.benchmark import floor_note, measure_new_runs, waiting_lines
+from course_lib.benchmark import best_solver, floor_note, measure_new_runs, waiting_lines
 from course_lib.frame import ODE_SOLVERS, denoiser, solver_steps
 from course_lib.metrics import load_digit_classifier, sample_scores
 from course_lib.recipes import COMPARISON, RECIPES
@@ -55,11 +55,6 @@ def measure(name: str, n: int, classifier) -> dict:
     }
 
 
-def best(result: dict, budget: int) -> dict:
-    """The solver with the lowest FID at one budget."""
-    return min((run for run in result["runs"] if run["budget"] == budget), key=lambda run: run["fid"])
-
-
 def comparison(n: int) -> list[str]:
     """Measure each finished run not yet measured (at this n, with this card), then write the table of all."""
     classifier = load_digit_classifier()
@@ -71,9 +66,9 @@ def comparison(n: int) -> list[str]:
         result = measured[name]
         cells = []
         for budget in CALLS:
-            run = best(result, budget)
+            run = best_solver(result, budget)
             cells.append(f"{run['fid']:.2f} ± {run['fid_sd']:.2f} ({SOLVER_NAMES[run['solver']]}, {run['calls']})")
-        reference, at_20 = best(result, REFERENCE_CALLS), best(result, 20)
+        reference, at_20 = best_solver(result, REFERENCE_CALLS), best_solver(result, 20)
         cells.append(f"{reference['fid']:.2f} ± {reference['fid_sd']:.2f}")
         cells += [f"{at_20['confident_fraction']:.3f}", f"{result['images_seen']:,d}", f"{result['wall_minutes']:.0f}"]
         rows.append(f"| `{name}` | {result['about']} | {' | '.join(cells)} |")

@@ -66,6 +66,8 @@ def flagship(n: int) -> list[str]:
     if not (data_dir() / f"{NAME}.json").exists():
         return [f"`{NAME}` is not exported yet: train it (`python scripts/train_unet.py --recipe {NAME}`) first."]
     card, digest = load_card(NAME), card_digest(NAME)
+    if card["training"]["status"] != "finished":  # hours of sampling: only for the model that ships
+        return [f"`{NAME}` is exported but not finished ({card['training']['status']}): finish its training first."]
     schedule = make_schedule(**DIGIT_SCHEDULE)
     model = as_vp_model(denoiser(load_model(NAME), clip=None), schedule)
     saved = torch.load(chunks_path(), weights_only=True) if chunks_path().exists() else {}

@@ -50,7 +50,7 @@ STYLES = {
     "bold": (embolden, measure_thickness, "mean stroke thickness (pixels)"),
     "slant": (lambda images: shear(images, 0.4), measure_slant, "mean slant"),
 }
-# the steps come from STEPS, per style
+# steps=600 below is a placeholder: fine_tune() always takes the style's count from STEPS
 LORA_CONFIG = TrainConfig(steps=600, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.99, min_snr_gamma=5.0, seed=0)
 FULL_CONFIG = TrainConfig(**{**asdict(LORA_CONFIG), "lr": 2e-4})  # the usual lower rate for all weights
 # Steps per style, for LoRA and the full fine-tune alike. Slant takes longer: at 600 steps its adapter's FID was

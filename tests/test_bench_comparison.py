@@ -144,3 +144,11 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
     assert calls == [2000] and seconds == 3.0  # only the missing chunk, from its own seed
     uninterrupted, _ = bench_flagship.draw(None, None, "DDPM", 1000, n, {}, "card")
     assert samples.shape == (n, 1, 2, 2) and torch.allclose(samples, uninterrupted, atol=1 / 127.5)
+
+
+def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():
+    result = fake_result("cmp_eps", 300, 0.0)  # Euler is best at every budget here
+    assert benchmark.best_solver(result, 20)["solver"] == "euler"
+    assert benchmark.best_solver(result, 20)["budget"] == 20
+    with pytest.raises(ValueError, match="no run at budget 7; measured: \\[10, 20, 50, 199\\]"):
+        benchmark.best_solver(result, 7)
