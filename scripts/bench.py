@@ -355,11 +355,16 @@ def main() -> None:
     parser.add_argument("figures", nargs="*", help=f"figures to measure, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler, model or scale")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="flagship only: processes drawing its chunks, one torch thread each"
+    )
     args = parser.parse_args()
     if args.threads < 0:
         parser.error(f"--threads must be >= 0; got {args.threads}")
     if not 2 <= args.samples <= 1000:
         parser.error(f"--samples must lie in 2..1000 (the held-out digits); got {args.samples}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1; got {args.workers}")
     if args.threads:
         torch.set_num_threads(args.threads)
     unknown = [name for name in args.figures if name not in FIGURES]
@@ -367,9 +372,13 @@ def main() -> None:
         parser.error(f"unknown figure {unknown[0]!r}; valid: {', '.join(FIGURES)}")
     for name in args.figures or FIGURES:
         start = time.perf_counter()
-        lines = FIGURES[name](args.samples) if name in SAMPLED else FIGURES[name]()
+        if name == "flagship":
+            lines = flagship(args.samples, args.workers)
+        else:
+            lines = FIGURES[name](args.samples) if name in SAMPLED else FIGURES[name]()
         options = f" --threads {args.threads}" if args.threads else ""
         options += f" --samples {args.samples}" if name in SAMPLED else ""
+        options += f" --workers {args.workers}" if name == "flagship" and args.workers > 1 else ""
         header = (
             f"Measured {date.today()} with `python scripts/bench.py {name}{options}` on {describe_machine()}, "
             f"{torch.get_num_threads()} torch thread(s)."

@@ -12,11 +12,16 @@ DPM-Solver++(2M)-20's. A ratio is read beside the spreads of both FIDs.
 DDPM-1000 makes a million network calls at n = 1,000 (about two hours on one CPU thread), so samples are drawn in
 chunks of CHUNK, each from its own seed (the same chunks for every sampler), and every finished chunk is kept in
 data/training/bench_flagship_chunks.pt (committed while unfinished, like a training checkpoint): a stopped run
-resumes at the chunk it was drawing, in a later session too. The chunks of a model whose card changed are dropped;
-the file is removed once every sampler is measured.
+resumes at the chunks it was drawing, in a later session too. The chunks of a model whose card changed are dropped;
+the file is removed once every sampler is measured. `--workers W` draws chunks in W processes of one torch thread
+each (two one-thread processes on two cores outrun one two-thread process: a batch of 50 at 28 x 28 is too small
+to split well); only the main process writes the file and the results, so stopping it loses only the chunks in
+flight.
 """
 
+import multiprocessing
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -48,28 +53,87 @@ def chunks_path() -> Path:
     return data_dir() / "training" / "bench_flagship_chunks.pt"
 
 
-def draw(model, schedule, sampler: str, steps: int, n: int, chunks: dict, digest: str) -> tuple[torch.Tensor, float]:
-    """n samples of one sampler, chunk by chunk (chunk k from seed 1000 k), saving each finished chunk."""
-    key = f"{sampler}-{steps}"
-    done = chunks.setdefault(key, [])
-    while len(done) * CHUNK < n:
-        k = len(done)
-        samples, seconds = draw_samples(model, schedule, sampler, steps, min(CHUNK, n - k * CHUNK), seed=1000 * k)
-        done.append({"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds})
-        torch.save({"card_sha256": digest, "chunks": chunks}, chunks_path())
-        print(f"{key}: chunk {k + 1} of {-(-n // CHUNK)} ({seconds:.0f} s)", flush=True)
-    samples = torch.cat([chunk["samples"] for chunk in done])[:n].float() / 127.5 - 1
-    return samples, sum(chunk["seconds"] for chunk in done)
+def load_flagship() -> tuple[torch.nn.Module, object]:
+    """The flagship read as an eps model on the cosine schedule's clock, and that schedule."""
+    schedule = make_schedule(**DIGIT_SCHEDULE)
+    return as_vp_model(denoiser(load_model(NAME), clip=None), schedule), schedule
 
 
-def flagship(n: int) -> list[str]:
+_WORKER: dict = {}  # each drawing process's model and schedule, loaded once by `_start_worker`
+
+
+def _start_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["model"], _WORKER["schedule"] = load_flagship()
+
+
+def draw_chunk(job: tuple[str, int, int, int]) -> tuple[str, int, dict]:
+    """One chunk of one sampler, (sampler, steps, chunk index k, samples in it), from seed 1000 k."""
+    sampler, steps, k, size = job
+    samples, seconds = draw_samples(_WORKER["model"], _WORKER["schedule"], sampler, steps, size, seed=1000 * k)
+    return f"{sampler}-{steps}", k, {"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds}
+
+
+def missing_chunks(runs: list[tuple[str, int]], n: int, chunks: dict) -> list[tuple[str, int, int, int]]:
+    """The chunks still to draw, run after run in the order given (RUNS': the quick samplers' results first)."""
+    return [
+        (sampler, steps, k, min(CHUNK, n - k * CHUNK))
+        for sampler, steps in runs
+        for k in range(-(-n // CHUNK))
+        if str(k) not in chunks.get(f"{sampler}-{steps}", {})
+    ]
+
+
+def draw(
+    runs: list[tuple[str, int]],
+    n: int,
+    chunks: dict,
+    digest: str,
+    workers: int,
+    finished: Callable[[str, torch.Tensor, float], None],
+) -> None:
+    """Draw the runs' missing chunks (in `workers` processes when > 1) into `chunks` ({"SAMPLER-STEPS": {"k":
+    chunk}}), saving the chunks file after each one; call finished(key, samples, seconds) as soon as a run has all
+    its chunks (at once for a run drawn before)."""
+    count = -(-n // CHUNK)
+
+    def complete(key: str) -> None:
+        done = chunks[key]
+        samples = torch.cat([done[str(k)]["samples"] for k in range(count)])[:n].float() / 127.5 - 1
+        finished(key, samples, sum(done[str(k)]["seconds"] for k in range(count)))
+
+    jobs = missing_chunks(runs, n, chunks)
+    waiting = {f"{sampler}-{steps}" for sampler, steps, _, _ in jobs}
+    for sampler, steps in runs:
+        if f"{sampler}-{steps}" not in waiting:
+            complete(f"{sampler}-{steps}")
+    if not jobs:
+        return
+    pool = None
+    if workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(1,))
+        drawn = pool.imap_unordered(draw_chunk, jobs)
+    else:
+        _start_worker(torch.get_num_threads())
+        drawn = map(draw_chunk, jobs)
+    try:
+        for key, k, chunk in drawn:
+            chunks.setdefault(key, {})[str(k)] = chunk
+            torch.save({"card_sha256": digest, "chunks": chunks}, chunks_path())
+            print(f"{key}: chunk {k + 1} of {count} ({chunk['seconds']:.0f} s)", flush=True)
+            if len(chunks[key]) == count:
+                complete(key)
+    finally:
+        if pool is not None:
+            pool.terminate()  # stopped or done: no chunk is left drawing
+
+
+def flagship(n: int, workers: int = 1) -> list[str]:
     if not (data_dir() / f"{NAME}.json").exists():
         return [f"`{NAME}` is not exported yet: train it (`python scripts/train_unet.py --recipe {NAME}`) first."]
     card, digest = load_card(NAME), card_digest(NAME)
     if card["training"]["status"] != "finished":  # hours of sampling: only for the model that ships
         return [f"`{NAME}` is exported but not finished ({card['training']['status']}): finish its training first."]
-    schedule = make_schedule(**DIGIT_SCHEDULE)
-    model = as_vp_model(denoiser(load_model(NAME), clip=None), schedule)
     saved = torch.load(chunks_path(), weights_only=True) if chunks_path().exists() else {}
     chunks = saved["chunks"] if saved.get("card_sha256") == digest else {}
     classifier = load_digit_classifier()
@@ -77,20 +141,17 @@ def flagship(n: int) -> list[str]:
     results = {"model": NAME, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
     kept = old.get("runs", {}) if old.get("card_sha256") == digest and old.get("n") == n else {}
     results["runs"] = kept
-    for sampler, steps in RUNS:
-        key = f"{sampler}-{steps}"
-        if key in kept:
-            continue
-        began = time.perf_counter()
-        samples, seconds = draw(model, schedule, sampler, steps, n, chunks, digest)
-        results["runs"][key] = {
-            "sampler": sampler,
-            "steps": steps,
-            "seconds": seconds,
-            **sample_scores(classifier, samples),
-        }
+    began = time.perf_counter()
+
+    def score(key: str, samples: torch.Tensor, seconds: float) -> None:
+        sampler, steps = key.rsplit("-", 1)
+        results["runs"][key] = {"sampler": sampler, "steps": int(steps), "seconds": seconds}
+        results["runs"][key].update(sample_scores(classifier, samples))
         save_results("flagship", results)
-        print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s)", flush=True)
+        print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
+
+    runs = [(sampler, steps) for sampler, steps in RUNS if f"{sampler}-{steps}" not in kept]
+    draw(runs, n, {f"{s}-{t}": chunks.get(f"{s}-{t}", {}) for s, t in runs}, digest, workers, score)
     chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
     return report(results, card)
 
@@ -102,7 +163,7 @@ def report(results: dict, card: dict) -> list[str]:
     rows = [
         f"| {run['sampler']} | {run['steps']} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
         f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
-        for run in runs.values()
+        for run in (runs[f"{sampler}-{steps}"] for sampler, steps in RUNS if f"{sampler}-{steps}" in runs)
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
     lines = [

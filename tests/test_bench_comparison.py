@@ -125,25 +125,38 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
     calls = []
 
     def fake_draw(model, schedule, sampler, steps, n, seed):
-        calls.append(seed)
+        calls.append((sampler, seed))
         if len(calls) == 3 and stop_at_third:
             raise KeyboardInterrupt  # the session ends while the third chunk is drawn
         value = torch.linspace(-1, 1, 11)[seed // 1000 % 11]
         return torch.full((n, 1, 2, 2), value.item()), 1.0
 
     monkeypatch.setattr(bench_flagship, "draw_samples", fake_draw)
+    monkeypatch.setattr(bench_flagship, "load_flagship", lambda: (None, None))
     monkeypatch.setattr(bench_flagship, "chunks_path", lambda: tmp_path / "chunks.pt")
-    n = 2 * bench_flagship.CHUNK + 7
-    stop_at_third, chunks = True, {}
+    n, runs = 2 * bench_flagship.CHUNK + 7, [("DDIM", 50), ("DDPM", 1000)]
+    finished = {}
+
+    def keep(key, samples, seconds):
+        finished[key] = (samples, seconds)
+
+    stop_at_third = True
     with pytest.raises(KeyboardInterrupt):
-        bench_flagship.draw(None, None, "DDPM", 1000, n, chunks, "card")
+        bench_flagship.draw(runs, n, {"DDIM-50": {}, "DDPM-1000": {}}, "card", 1, keep)
     saved = torch.load(tmp_path / "chunks.pt", weights_only=True)
-    assert saved["card_sha256"] == "card" and len(saved["chunks"]["DDPM-1000"]) == 2
+    assert saved["card_sha256"] == "card" and sorted(saved["chunks"]["DDIM-50"]) == ["0", "1"]
+    assert finished == {}  # no run has all its chunks yet
     stop_at_third, calls = False, []
-    samples, seconds = bench_flagship.draw(None, None, "DDPM", 1000, n, saved["chunks"], "card")
-    assert calls == [2000] and seconds == 3.0  # only the missing chunk, from its own seed
-    uninterrupted, _ = bench_flagship.draw(None, None, "DDPM", 1000, n, {}, "card")
-    assert samples.shape == (n, 1, 2, 2) and torch.allclose(samples, uninterrupted, atol=1 / 127.5)
+    bench_flagship.draw(runs, n, saved["chunks"], "card", 1, keep)
+    assert calls == [("DDIM", 2000), ("DDPM", 0), ("DDPM", 1000), ("DDPM", 2000)]  # only the missing chunks
+    assert list(finished) == ["DDIM-50", "DDPM-1000"] and finished["DDIM-50"][1] == 3.0
+    everything = torch.load(tmp_path / "chunks.pt", weights_only=True)["chunks"]
+    resumed = finished.pop("DDIM-50")[0]
+    bench_flagship.draw(runs[:1], n, {"DDIM-50": {}}, "card", 1, keep)  # the same run, never stopped
+    assert resumed.shape == (n, 1, 2, 2) and torch.allclose(resumed, finished["DDIM-50"][0], atol=1 / 127.5)
+    calls, finished = [], {}
+    bench_flagship.draw(runs, n, everything, "card", 1, keep)
+    assert calls == [] and list(finished) == ["DDIM-50", "DDPM-1000"]  # each run scored from its stored chunks
 
 
 def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():
