@@ -9,6 +9,9 @@ another config, schedule or data).
     unet_mnist_text     digits from captions, text encoder and cross-attention trained together (chapter 7)
     latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6)
     unet_mnist_flow     flow matching (velocity on straight paths), started from unet_mnist_eps (chapter 10)
+    unet_mnist_flow_logit
+                        the flagship: the comparison's leader (cmp_flow_logit) trained on to 768,000 images in all
+                        (chapter 11); unet_mnist_eps stays the base of the fine-tuned models
     cmp_*               chapter 11's equal-budget comparison: the same UNet from scratch, same seed, the same
                         256,000 training images, one objective each (COMPARISON)
     dit_s, dit_m, dit_l, latent_unet_flow_class
@@ -82,14 +85,20 @@ LATENT_DIT = dict(in_channels=4, input_size=7, patch_size=1, depth=4, mlp_ratio=
 RECIPES = {
     recipe.name: recipe
     for recipe in [
-        Recipe("unet_mnist_eps", DIGIT_MODEL, DIGIT_CONFIG, about="eps prediction, min-SNR-5"),
+        Recipe(
+            "unet_mnist_eps",
+            DIGIT_MODEL,
+            DIGIT_CONFIG,
+            about="eps prediction, min-SNR-5: the digit model of chapters 4-5 and the base of every fine-tuned digit "
+            "model (class, caption, flow, LoRA, ControlNet)",
+        ),
         Recipe(
             "unet_mnist_class",
             {**DIGIT_MODEL, "num_classes": 10},
             FINE_TUNE_CONFIG,
             condition="labels",
             init_from="unet_mnist_eps",
-            about="class labels, 10% dropped",
+            about="class labels, 10% dropped, from unet_mnist_eps (chapter 7)",
         ),
         Recipe(
             "unet_mnist_text",
@@ -98,9 +107,16 @@ RECIPES = {
             condition="captions",
             model_class="course_lib.nets.text.TextConditionedUNet",
             init_from="unet_mnist_eps",
-            about="captions, parts and whole captions dropped",
+            about="captions, parts and whole captions dropped, from unet_mnist_eps (chapter 7)",
         ),
-        Recipe("unet_mnist_flow", DIGIT_MODEL, FLOW_CONFIG, schedule=None, init_from="unet_mnist_eps"),
+        Recipe(
+            "unet_mnist_flow",
+            DIGIT_MODEL,
+            FLOW_CONFIG,
+            schedule=None,
+            init_from="unet_mnist_eps",
+            about="flow matching, t uniform: unet_mnist_eps fine-tuned to predict velocity (chapter 10)",
+        ),
         Recipe(
             "latent_mnist_eps",
             # one block per level: 0.76 s a step on one thread against 1.51 with two (same widths), 106 ms against
@@ -108,6 +124,7 @@ RECIPES = {
             dict(in_channels=4, channels=(64, 128), blocks=(1, 1), attention=(False, True), heads=4, groups=8),
             DIGIT_CONFIG,
             latents="vae_mnist",
+            about="eps prediction, min-SNR-5, on vae_mnist's scaled latents (chapter 6)",
         ),
         # --- chapter 11's comparison -----------------------------------------------------------------------
         Recipe("cmp_eps", DIGIT_MODEL, COMPARISON_CONFIG, about="eps, min-SNR-5 (the shipped model's recipe)"),
@@ -150,7 +167,8 @@ RECIPES = {
             replace(FINE_TUNE_CONFIG, steps=4000, objective="flow", time_sampling="logit_normal", seed=1, **_plain),
             schedule=None,
             init_from="cmp_flow_logit",
-            about="flow matching, t logit-normal(0, 1): cmp_flow_logit trained on (the flagship)",
+            about="flow matching, t logit-normal(0, 1): cmp_flow_logit trained on, the course's flagship digit model "
+            "(chapter 11); unet_mnist_eps stays the base of the fine-tuned models",
         ),
         # --- chapter 12's transformer study ----------------------------------------------------------------
         Recipe(

@@ -191,6 +191,19 @@ def test_the_comparison_recipes_differ_only_in_their_objective():
     assert recipes[0].config.steps * recipes[0].config.batch_size == 256_000
 
 
+def test_every_shipped_card_says_what_its_model_is_in_its_recipes_words():
+    """Two unconditional digit models ship (the eps base and the flow flagship): each card says which is which."""
+    from course_lib.data import data_dir
+    from course_lib.weights import load_card
+
+    shipped = [name for name in RECIPES if (data_dir() / f"{name}.json").exists()]
+    assert {"unet_mnist_eps", "cmp_flow_logit"} <= set(shipped)
+    for name in shipped:
+        assert RECIPES[name].about and load_card(name).get("about") == RECIPES[name].about, name
+    assert "base of every fine-tuned" in RECIPES["unet_mnist_eps"].about
+    assert "flagship" in RECIPES["unet_mnist_flow_logit"].about
+
+
 def test_the_transformer_study_trains_every_network_on_the_same_data_and_recipe():
     """Chapter 12: the DiTs and the latent UNet differ in their network only (flow on the same latents, labels)."""
     recipes = [RECIPES[name] for name in TRANSFORMER_STUDY]
