@@ -4,7 +4,9 @@ leader trained on) against the course's digit-model targets, at n = 1,000 with s
     python scripts/bench.py flagship --samples 1000 --threads 1
 
 Every sampler runs on the cosine schedule's clock (`frame.as_vp_model`: the flow model read as an eps model), from
-the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000 (ancestral). The targets:
+the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000 (ancestral); and the eps
+model it could replace, `unet_mnist_eps`, under DDIM-50 from the same noise, so that the two compare in one run.
+The targets:
 DDIM-50's FID <= 3x the real-vs-real floor and >= 90% of its samples read with confidence; DDIM-50 within 1.25x
 of DDPM-1000's FID; DPM-Solver++(2M)-20 within 1.2x of DDIM-100's; Euler (Karras)-20 within 1.2x of
 DPM-Solver++(2M)-20's. A ratio is read beside the spreads of both FIDs.
@@ -28,6 +30,7 @@ from pathlib import Path
 import torch
 
 from course_lib.benchmark import card_digest, load_results, results_path, save_results
+from course_lib.claims import clearly_below
 from course_lib.data import data_dir
 from course_lib.frame import as_vp_model, denoiser
 from course_lib.metrics import load_digit_classifier, sample_scores
@@ -37,9 +40,11 @@ from course_lib.sampling import draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.weights import load_card, load_model
 
-NAME = "unet_mnist_flow_logit"
-CHUNK = 50  # samples per chunk: one batch; DDPM-1000 takes about 7 minutes a chunk on one thread
-RUNS = [("DDIM", 50), ("DDIM", 100), ("DPM-Solver++(2M)", 20), ("Euler (Karras)", 20), ("DDPM", 1000)]
+NAME, BASE = "unet_mnist_flow_logit", "unet_mnist_eps"  # the flagship, and the eps model it could replace
+CHUNK = 50  # samples per chunk: one batch; DDPM-1000 takes about 6 minutes a chunk on one thread
+# (model, sampler, steps), quick ones first; a run's key is "SAMPLER-STEPS" for the flagship, "BASE SAMPLER-STEPS"
+RUNS = [(NAME, sampler, steps) for sampler, steps in [("DDIM", 50), ("DDIM", 100), ("DPM-Solver++(2M)", 20)]]
+RUNS += [(NAME, "Euler (Karras)", 20), (BASE, "DDIM", 50), (NAME, "DDPM", 1000)]
 # (what is measured, its reference, the largest ratio of their FIDs)
 RATIO_TARGETS = [
     (("DDIM", 50), ("DDPM", 1000), 1.25),
@@ -53,48 +58,54 @@ def chunks_path() -> Path:
     return data_dir() / "training" / "bench_flagship_chunks.pt"
 
 
-def load_flagship() -> tuple[torch.nn.Module, object]:
-    """The flagship read as an eps model on the cosine schedule's clock, and that schedule."""
+def run_key(model: str, sampler: str, steps: int) -> str:
+    return f"{sampler}-{steps}" if model == NAME else f"{model} {sampler}-{steps}"
+
+
+def load_models() -> tuple[dict[str, torch.nn.Module], object]:
+    """{NAME: the flagship read as an eps model on the cosine schedule's clock, BASE: the eps model}, the schedule."""
     schedule = make_schedule(**DIGIT_SCHEDULE)
-    return as_vp_model(denoiser(load_model(NAME), clip=None), schedule), schedule
+    flagship = as_vp_model(denoiser(load_model(NAME), clip=None), schedule)
+    return {NAME: flagship, BASE: load_model(BASE)}, schedule
 
 
-_WORKER: dict = {}  # each drawing process's model and schedule, loaded once by `_start_worker`
+_WORKER: dict = {}  # each drawing process's models and schedule, loaded once by `_start_worker`
 
 
 def _start_worker(threads: int) -> None:
     torch.set_num_threads(threads)
-    _WORKER["model"], _WORKER["schedule"] = load_flagship()
+    _WORKER["models"], _WORKER["schedule"] = load_models()
 
 
-def draw_chunk(job: tuple[str, int, int, int]) -> tuple[str, int, dict]:
-    """One chunk of one sampler, (sampler, steps, chunk index k, samples in it), from seed 1000 k."""
-    sampler, steps, k, size = job
-    samples, seconds = draw_samples(_WORKER["model"], _WORKER["schedule"], sampler, steps, size, seed=1000 * k)
-    return f"{sampler}-{steps}", k, {"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds}
+def draw_chunk(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict]:
+    """One chunk of one run, (model, sampler, steps, chunk index k, samples in it), from seed 1000 k."""
+    model, sampler, steps, k, size = job
+    samples, seconds = draw_samples(_WORKER["models"][model], _WORKER["schedule"], sampler, steps, size, seed=1000 * k)
+    chunk = {"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds}
+    return run_key(model, sampler, steps), k, chunk
 
 
-def missing_chunks(runs: list[tuple[str, int]], n: int, chunks: dict) -> list[tuple[str, int, int, int]]:
+def missing_chunks(runs: list[tuple[str, str, int]], n: int, chunks: dict) -> list[tuple[str, str, int, int, int]]:
     """The chunks still to draw, run after run in the order given (RUNS': the quick samplers' results first)."""
     return [
-        (sampler, steps, k, min(CHUNK, n - k * CHUNK))
-        for sampler, steps in runs
+        (*run, k, min(CHUNK, n - k * CHUNK))
+        for run in runs
         for k in range(-(-n // CHUNK))
-        if str(k) not in chunks.get(f"{sampler}-{steps}", {})
+        if str(k) not in chunks.get(run_key(*run), {})
     ]
 
 
 def draw(
-    runs: list[tuple[str, int]],
+    runs: list[tuple[str, str, int]],
     n: int,
     chunks: dict,
     digest: str,
     workers: int,
     finished: Callable[[str, torch.Tensor, float], None],
 ) -> None:
-    """Draw the runs' missing chunks (in `workers` processes when > 1) into `chunks` ({"SAMPLER-STEPS": {"k":
-    chunk}}), saving the chunks file after each one; call finished(key, samples, seconds) as soon as a run has all
-    its chunks (at once for a run drawn before)."""
+    """Draw the runs' missing chunks (in `workers` processes when > 1) into `chunks` ({run_key: {"k": chunk}}),
+    saving the chunks file after each one; call finished(key, samples, seconds) as soon as a run has all its chunks
+    (at once for a run drawn before)."""
     count = -(-n // CHUNK)
 
     def complete(key: str) -> None:
@@ -103,10 +114,10 @@ def draw(
         finished(key, samples, sum(done[str(k)]["seconds"] for k in range(count)))
 
     jobs = missing_chunks(runs, n, chunks)
-    waiting = {f"{sampler}-{steps}" for sampler, steps, _, _ in jobs}
-    for sampler, steps in runs:
-        if f"{sampler}-{steps}" not in waiting:
-            complete(f"{sampler}-{steps}")
+    waiting = {run_key(*job[:3]) for job in jobs}
+    for run in runs:
+        if run_key(*run) not in waiting:
+            complete(run_key(*run))
     if not jobs:
         return
     pool = None
@@ -140,18 +151,20 @@ def flagship(n: int, workers: int = 1) -> list[str]:
     old = load_results("flagship") if results_path("flagship").exists() else {}
     results = {"model": NAME, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
     kept = old.get("runs", {}) if old.get("card_sha256") == digest and old.get("n") == n else {}
+    for model, sampler, steps in RUNS:  # runs measured before the table named their model
+        kept.get(run_key(model, sampler, steps), {}).setdefault("model", model)
     results["runs"] = kept
     began = time.perf_counter()
 
     def score(key: str, samples: torch.Tensor, seconds: float) -> None:
-        sampler, steps = key.rsplit("-", 1)
-        results["runs"][key] = {"sampler": sampler, "steps": int(steps), "seconds": seconds}
+        model, sampler, steps = next(run for run in RUNS if run_key(*run) == key)
+        results["runs"][key] = {"model": model, "sampler": sampler, "steps": steps, "seconds": seconds}
         results["runs"][key].update(sample_scores(classifier, samples))
         save_results("flagship", results)
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
-    runs = [(sampler, steps) for sampler, steps in RUNS if f"{sampler}-{steps}" not in kept]
-    draw(runs, n, {f"{s}-{t}": chunks.get(f"{s}-{t}", {}) for s, t in runs}, digest, workers, score)
+    runs = [run for run in RUNS if run_key(*run) not in kept]
+    draw(runs, n, {run_key(*run): chunks.get(run_key(*run), {}) for run in runs}, digest, workers, score)
     chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
     return report(results, card)
 
@@ -159,29 +172,33 @@ def flagship(n: int, workers: int = 1) -> list[str]:
 def report(results: dict, card: dict) -> list[str]:
     runs, n = results["runs"], results["n"]
     training = card["training"]
-    ddim50 = runs["DDIM-50"]
+    ddim50, base = runs["DDIM-50"], runs.get(run_key(BASE, "DDIM", 50))
     rows = [
-        f"| {run['sampler']} | {run['steps']} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
-        f"{run['confident_fraction']:.3f} | {1000 * run['seconds'] / n:.0f} |"
-        for run in (runs[f"{sampler}-{steps}"] for sampler, steps in RUNS if f"{sampler}-{steps}" in runs)
+        f"| `{model}` | {sampler} | {steps} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
+        f"{run['confident_fraction']:.3f} ± {binomial_sd(run['confident_fraction'], n):.3f} | "
+        f"{1000 * run['seconds'] / n:.0f} |"
+        for (model, sampler, steps), run in ((run, runs[run_key(*run)]) for run in RUNS if run_key(*run) in runs)
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
+    confident, confident_sd = ddim50["confident_fraction"], binomial_sd(ddim50["confident_fraction"], n)
     lines = [
         f"Model `{NAME}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
-        f"training images in all, the shipped eps model's 768,000 the goal), {n} samples per sampler from the same "
-        f"noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} held-out digits, floor "
-        f"{floor:.2f} ± {floor_sd:.2f}. Also written to `data/benchmarks/flagship.json`.",
+        f"training images in all, the shipped eps model's 768,000 the goal) and `{BASE}` beside it, {n} samples per "
+        f"sampler from the same noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} held-out "
+        f"digits, floor {floor:.2f} ± {floor_sd:.2f}; a confident fraction's spread is its binomial sd. Also "
+        "written to `data/benchmarks/flagship.json`.",
         "",
-        "| sampler | steps | FID ± sd | confident (>= 0.9) | ms / image |",
-        "|---|---:|---:|---:|---:|",
+        "| model | sampler | steps | FID ± sd | confident (>= 0.9) ± sd | ms / image (one thread) |",
+        "|---|---|---:|---:|---:|---:|",
         *rows,
         "",
         "| target | measured | met |",
         "|---|---:|---|",
-        f"| DDIM-50 FID <= {FLOOR_TIMES:g}x the floor | {ddim50['fid'] / floor:.2f}x | "
+        f"| DDIM-50 FID <= {FLOOR_TIMES:g}x the floor | {ddim50['fid'] / floor:.2f}x ({ddim50['fid']:.2f} ± "
+        f"{ddim50['fid_sd']:.2f} against {FLOOR_TIMES:g} x ({floor:.2f} ± {floor_sd:.2f})) | "
         f"{'yes' if ddim50['fid'] <= FLOOR_TIMES * floor else '**no**'} |",
-        f"| DDIM-50 confident >= {CONFIDENT:.0%} | {ddim50['confident_fraction']:.1%} | "
-        f"{'yes' if ddim50['confident_fraction'] >= CONFIDENT else '**no**'} |",
+        f"| DDIM-50 confident >= {CONFIDENT:.0%} | {confident:.1%} ± {confident_sd:.1%} | "
+        f"{'yes' if confident >= CONFIDENT else '**no**'} |",
     ]
     for (sampler, steps), (ref_sampler, ref_steps), limit in RATIO_TARGETS:
         run, reference = runs.get(f"{sampler}-{steps}"), runs.get(f"{ref_sampler}-{ref_steps}")
@@ -193,7 +210,20 @@ def report(results: dict, card: dict) -> list[str]:
             f"{run['fid_sd']:.2f} against {reference['fid']:.2f} ± {reference['fid_sd']:.2f}) | "
             f"{'yes' if ratio <= limit else '**no**'} |"
         )
+    if base is not None:
+        below = clearly_below(ddim50["fid"], ddim50["fid_sd"], base["fid"], base["fid_sd"])
+        lines += [
+            "",
+            f"Against `{BASE}` under DDIM-50 from the same noise: FID {ddim50['fid']:.2f} ± {ddim50['fid_sd']:.2f} "
+            f"against {base['fid']:.2f} ± {base['fid_sd']:.2f} ({'clearly below' if below else 'inside the spreads'}"
+            f"), confident {confident:.1%} against {base['confident_fraction']:.1%}.",
+        ]
     return lines
+
+
+def binomial_sd(fraction: float, n: int) -> float:
+    """The standard deviation of a fraction measured on n independent samples."""
+    return (fraction * (1 - fraction) / n) ** 0.5
 
 
 if __name__ == "__main__":

@@ -132,9 +132,9 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
         return torch.full((n, 1, 2, 2), value.item()), 1.0
 
     monkeypatch.setattr(bench_flagship, "draw_samples", fake_draw)
-    monkeypatch.setattr(bench_flagship, "load_flagship", lambda: (None, None))
+    monkeypatch.setattr(bench_flagship, "load_models", lambda: ({bench_flagship.NAME: None, "base": None}, None))
     monkeypatch.setattr(bench_flagship, "chunks_path", lambda: tmp_path / "chunks.pt")
-    n, runs = 2 * bench_flagship.CHUNK + 7, [("DDIM", 50), ("DDPM", 1000)]
+    n, runs = 2 * bench_flagship.CHUNK + 7, [(bench_flagship.NAME, "DDIM", 50), ("base", "DDPM", 1000)]
     finished = {}
 
     def keep(key, samples, seconds):
@@ -142,21 +142,46 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
 
     stop_at_third = True
     with pytest.raises(KeyboardInterrupt):
-        bench_flagship.draw(runs, n, {"DDIM-50": {}, "DDPM-1000": {}}, "card", 1, keep)
+        bench_flagship.draw(runs, n, {"DDIM-50": {}, "base DDPM-1000": {}}, "card", 1, keep)
     saved = torch.load(tmp_path / "chunks.pt", weights_only=True)
     assert saved["card_sha256"] == "card" and sorted(saved["chunks"]["DDIM-50"]) == ["0", "1"]
     assert finished == {}  # no run has all its chunks yet
     stop_at_third, calls = False, []
     bench_flagship.draw(runs, n, saved["chunks"], "card", 1, keep)
     assert calls == [("DDIM", 2000), ("DDPM", 0), ("DDPM", 1000), ("DDPM", 2000)]  # only the missing chunks
-    assert list(finished) == ["DDIM-50", "DDPM-1000"] and finished["DDIM-50"][1] == 3.0
+    assert list(finished) == ["DDIM-50", "base DDPM-1000"] and finished["DDIM-50"][1] == 3.0
     everything = torch.load(tmp_path / "chunks.pt", weights_only=True)["chunks"]
     resumed = finished.pop("DDIM-50")[0]
     bench_flagship.draw(runs[:1], n, {"DDIM-50": {}}, "card", 1, keep)  # the same run, never stopped
     assert resumed.shape == (n, 1, 2, 2) and torch.allclose(resumed, finished["DDIM-50"][0], atol=1 / 127.5)
     calls, finished = [], {}
     bench_flagship.draw(runs, n, everything, "card", 1, keep)
-    assert calls == [] and list(finished) == ["DDIM-50", "DDPM-1000"]  # each run scored from its stored chunks
+    assert calls == [] and list(finished) == ["DDIM-50", "base DDPM-1000"]  # each scored from its stored chunks
+
+
+def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_beside_it():
+    import bench_flagship
+
+    def run(fid, confident):
+        return {
+            "fid": fid,
+            "fid_sd": 0.5,
+            "fid_floor": 0.4,
+            "fid_floor_sd": 0.3,
+            "confident_fraction": confident,
+            "seconds": 100.0,
+        }
+
+    runs = {bench_flagship.run_key(*key): run(1.4, 0.87) for key in bench_flagship.RUNS}
+    runs["DDPM-1000"], runs["unet_mnist_eps DDIM-50"] = run(1.2, 0.9), run(2.8, 0.85)
+    card = {"training": {"status": "finished", "images_seen": 512_000, "images_seen_in_all": 768_000}}
+    lines = bench_flagship.report({"runs": runs, "n": 1000}, card)
+    text = "\n".join(lines)
+    assert "| `unet_mnist_eps` | DDIM | 50 | 2.80 ± 0.50 | 0.850 ± 0.011 | 100 |" in text
+    assert "| DDIM-50 FID <= 3x the floor | 3.50x (1.40 ± 0.50 against 3 x (0.40 ± 0.30)) | **no** |" in text
+    assert "| DDIM-50 confident >= 90% | 87.0% ± 1.1% | **no** |" in text
+    assert "| DDIM-50 FID <= 1.25x DDPM-1000's | 1.17x (1.40 ± 0.50 against 1.20 ± 0.50) | yes |" in text
+    assert "FID 1.40 ± 0.50 against 2.80 ± 0.50 (inside the spreads), confident 87.0% against 85.0%" in lines[-1]
 
 
 def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():
