@@ -22,6 +22,8 @@ flight.
 """
 
 import multiprocessing
+import signal
+import sys
 import time
 from collections.abc import Callable
 from datetime import date
@@ -127,6 +129,8 @@ def draw(
     else:
         _start_worker(torch.get_num_threads())
         drawn = map(draw_chunk, jobs)
+    stop = lambda *_: sys.exit(f"stopped (SIGTERM); the same command resumes from {chunks_path()}")  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, stop)  # unwind, so that the pool's processes stop too
     try:
         for key, k, chunk in drawn:
             chunks.setdefault(key, {})[str(k)] = chunk
@@ -135,6 +139,7 @@ def draw(
             if len(chunks[key]) == count:
                 complete(key)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if pool is not None:
             pool.terminate()  # stopped or done: no chunk is left drawing
 
