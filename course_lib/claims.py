@@ -23,6 +23,14 @@ def clearly_below(a: float, sd_a: float, b: float, sd_b: float, spreads: float =
     return b - a > spreads * math.hypot(sd_a, sd_b)
 
 
+def fraction_sd(fraction: float, n: int) -> float:
+    r"""The spread of a fraction measured on n independent samples (a confident fraction, a class share): the
+    binomial standard deviation $\sqrt{p(1 - p)/n}$."""
+    if not 0 <= fraction <= 1 or n < 1:
+        raise ValueError(f"need a fraction in [0, 1] and n >= 1; got fraction={fraction}, n={n}")
+    return math.sqrt(fraction * (1 - fraction) / n)
+
+
 def check_claim(holds: bool, claim: str, evidence: str, decisive: bool = True) -> None:
     """Fail with the claim and the evidence when the numbers contradict the claim; say so when it holds.
 

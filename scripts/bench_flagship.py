@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from course_lib.benchmark import card_digest, load_results, results_path, save_results
-from course_lib.claims import clearly_below
+from course_lib.claims import clearly_below, fraction_sd
 from course_lib.data import data_dir
 from course_lib.frame import as_vp_model, denoiser
 from course_lib.metrics import load_digit_classifier, sample_scores
@@ -180,12 +180,12 @@ def report(results: dict, card: dict) -> list[str]:
     ddim50, base = runs["DDIM-50"], runs.get(run_key(BASE, "DDIM", 50))
     rows = [
         f"| `{model}` | {sampler} | {steps} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
-        f"{run['confident_fraction']:.3f} ± {binomial_sd(run['confident_fraction'], n):.3f} | "
+        f"{run['confident_fraction']:.3f} ± {fraction_sd(run['confident_fraction'], n):.3f} | "
         f"{1000 * run['seconds'] / n:.0f} |"
         for (model, sampler, steps), run in ((run, runs[run_key(*run)]) for run in RUNS if run_key(*run) in runs)
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
-    confident, confident_sd = ddim50["confident_fraction"], binomial_sd(ddim50["confident_fraction"], n)
+    confident, confident_sd = ddim50["confident_fraction"], fraction_sd(ddim50["confident_fraction"], n)
     lines = [
         f"Model `{NAME}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
         f"training images in all, the shipped eps model's 768,000 the goal) and `{BASE}` beside it, {n} samples per "
@@ -224,11 +224,6 @@ def report(results: dict, card: dict) -> list[str]:
             f"), confident {confident:.1%} against {base['confident_fraction']:.1%}.",
         ]
     return lines
-
-
-def binomial_sd(fraction: float, n: int) -> float:
-    """The standard deviation of a fraction measured on n independent samples."""
-    return (fraction * (1 - fraction) / n) ** 0.5
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Claims checked (course_lib.claims): a contradicted claim fails the run; a gap counts only beyond its spread."""
 
 import pytest
+import torch
 
-from course_lib.claims import check_claim, clearly_below
+from course_lib.claims import check_claim, clearly_below, fraction_sd
 
 
 def test_a_gap_counts_only_beyond_twice_the_combined_spread():
@@ -20,3 +21,12 @@ def test_a_contradicted_claim_fails_and_names_both(capsys):
     check_claim(False, "A beats B", "A 3, B 2", decisive=False)  # smoke: says so, does not fail
     printed = capsys.readouterr().out
     assert "checked: A beats B" in printed and "not decided" in printed
+
+
+def test_fraction_sd_is_the_spread_of_a_fraction_over_repeated_draws():
+    draws = torch.bernoulli(torch.full((4000, 1000), 0.87), generator=torch.Generator().manual_seed(0)).mean(dim=1)
+    assert fraction_sd(0.87, 1000) == pytest.approx(draws.std().item(), rel=0.05)
+    assert fraction_sd(0.87, 1000) == pytest.approx(0.01063, abs=1e-5) and fraction_sd(1.0, 50) == 0
+    for fraction, n in [(1.2, 10), (-0.1, 10), (0.5, 0)]:
+        with pytest.raises(ValueError, match=f"fraction={fraction}, n={n}"):
+            fraction_sd(fraction, n)
