@@ -4,12 +4,12 @@ leader trained on) against the course's digit-model targets, at n = 1,000 with s
     python scripts/bench.py flagship --samples 1000 --threads 1
 
 Every sampler runs on the cosine schedule's clock (`frame.as_vp_model`: the flow model read as an eps model), from
-the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000 (ancestral); and the eps
-model it could replace, `unet_mnist_eps`, under DDIM-50 from the same noise, so that the two compare in one run.
-The targets:
-DDIM-50's FID <= 3x the real-vs-real floor and >= 90% of its samples read with confidence; DDIM-50 within 1.25x
-of DDPM-1000's FID; DPM-Solver++(2M)-20 within 1.2x of DDIM-100's; Euler (Karras)-20 within 1.2x of
-DPM-Solver++(2M)-20's. A ratio is read beside the spreads of both FIDs.
+the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 (from the schedule's sigma_max, and from
+sigma_max 80 as chapter 5 advises) and DDPM-1000 (ancestral); and the eps model it could replace, `unet_mnist_eps`,
+under DDIM-50 from the same noise, so that the two compare in one run. The targets: DDIM-50's FID <= 3x the
+real-vs-real floor and >= 90% of its samples read with confidence; DDIM-50 within 1.25x of DDPM-1000's FID;
+DPM-Solver++(2M)-20 within 1.2x of DDIM-100's; Euler (Karras)-20 within 1.2x of DPM-Solver++(2M)-20's (each
+Euler run a row). A ratio is read beside the spreads of both FIDs.
 
 DDPM-1000 makes a million network calls at n = 1,000 (about two hours on one CPU thread), so samples are drawn in
 chunks of CHUNK, each from its own seed (the same chunks for every sampler), and every finished chunk is kept in
@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -44,24 +45,36 @@ from course_lib.weights import load_card, load_model
 
 NAME, BASE = "unet_mnist_flow_logit", "unet_mnist_eps"  # the flagship, and the eps model it could replace
 CHUNK = 50  # samples per chunk: one batch; DDPM-1000 takes about 6 minutes a chunk on one thread
-# (model, sampler, steps), quick ones first; a run's key is "SAMPLER-STEPS" for the flagship, "BASE SAMPLER-STEPS"
-RUNS = [(NAME, sampler, steps) for sampler, steps in [("DDIM", 50), ("DDIM", 100), ("DPM-Solver++(2M)", 20)]]
-RUNS += [(NAME, "Euler (Karras)", 20), (BASE, "DDIM", 50), (NAME, "DDPM", 1000)]
-# (what is measured, its reference, the largest ratio of their FIDs)
+
+
+class Run(NamedTuple):
+    model: str
+    sampler: str
+    steps: int
+    sigma_max: float | None = None  # Euler (Karras)'s first level; None: the schedule's (2.0e4 for the cosine)
+
+    @property
+    def key(self) -> str:
+        """'SAMPLER-STEPS' for the flagship (with ' (sigma_max S)' when capped), 'BASE SAMPLER-STEPS' for another."""
+        key = f"{self.sampler}-{self.steps}" + (f" (sigma_max {self.sigma_max:g})" if self.sigma_max else "")
+        return key if self.model == NAME else f"{self.model} {key}"
+
+
+RUNS = [Run(NAME, "DDIM", 50), Run(NAME, "DDIM", 100), Run(NAME, "DPM-Solver++(2M)", 20)]  # quick ones first
+RUNS += [Run(NAME, "Euler (Karras)", 20), Run(NAME, "Euler (Karras)", 20, 80.0), Run(BASE, "DDIM", 50)]
+RUNS += [Run(NAME, "DDPM", 1000)]
+# (the run's key, its reference's, the largest ratio of their FIDs)
 RATIO_TARGETS = [
-    (("DDIM", 50), ("DDPM", 1000), 1.25),
-    (("DPM-Solver++(2M)", 20), ("DDIM", 100), 1.2),
-    (("Euler (Karras)", 20), ("DPM-Solver++(2M)", 20), 1.2),
+    ("DDIM-50", "DDPM-1000", 1.25),
+    ("DPM-Solver++(2M)-20", "DDIM-100", 1.2),
+    ("Euler (Karras)-20", "DPM-Solver++(2M)-20", 1.2),
+    ("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-20", 1.2),
 ]
 FLOOR_TIMES, CONFIDENT = 3.0, 0.9  # DDIM-50's FID against the floor, and its confident fraction
 
 
 def chunks_path() -> Path:
     return data_dir() / "training" / "bench_flagship_chunks.pt"
-
-
-def run_key(model: str, sampler: str, steps: int) -> str:
-    return f"{sampler}-{steps}" if model == NAME else f"{model} {sampler}-{steps}"
 
 
 def load_models() -> tuple[dict[str, torch.nn.Module], object]:
@@ -79,26 +92,24 @@ def _start_worker(threads: int) -> None:
     _WORKER["models"], _WORKER["schedule"] = load_models()
 
 
-def draw_chunk(job: tuple[str, str, int, int, int]) -> tuple[str, int, dict]:
-    """One chunk of one run, (model, sampler, steps, chunk index k, samples in it), from seed 1000 k."""
-    model, sampler, steps, k, size = job
-    samples, seconds = draw_samples(_WORKER["models"][model], _WORKER["schedule"], sampler, steps, size, seed=1000 * k)
-    chunk = {"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds}
-    return run_key(model, sampler, steps), k, chunk
+def draw_chunk(job: tuple[Run, int, int]) -> tuple[str, int, dict]:
+    """One chunk of one run, (run, chunk index k, samples in it), from seed 1000 k."""
+    run, k, size = job
+    model = _WORKER["models"][run.model]
+    samples, seconds = draw_samples(
+        model, _WORKER["schedule"], run.sampler, run.steps, size, seed=1000 * k, sigma_max=run.sigma_max
+    )
+    return run.key, k, {"samples": ((samples + 1) * 127.5).round().to(torch.uint8), "seconds": seconds}
 
 
-def missing_chunks(runs: list[tuple[str, str, int]], n: int, chunks: dict) -> list[tuple[str, str, int, int, int]]:
+def missing_chunks(runs: list[Run], n: int, chunks: dict) -> list[tuple[Run, int, int]]:
     """The chunks still to draw, run after run in the order given (RUNS': the quick samplers' results first)."""
-    return [
-        (*run, k, min(CHUNK, n - k * CHUNK))
-        for run in runs
-        for k in range(-(-n // CHUNK))
-        if str(k) not in chunks.get(run_key(*run), {})
-    ]
+    count = -(-n // CHUNK)
+    return [(run, k, min(CHUNK, n - k * CHUNK)) for run in runs for k in range(count) if str(k) not in chunks[run.key]]
 
 
 def draw(
-    runs: list[tuple[str, str, int]],
+    runs: list[Run],
     n: int,
     chunks: dict,
     digest: str,
@@ -116,10 +127,10 @@ def draw(
         finished(key, samples, sum(done[str(k)]["seconds"] for k in range(count)))
 
     jobs = missing_chunks(runs, n, chunks)
-    waiting = {run_key(*job[:3]) for job in jobs}
+    waiting = {run.key for run, _, _ in jobs}
     for run in runs:
-        if run_key(*run) not in waiting:
-            complete(run_key(*run))
+        if run.key not in waiting:
+            complete(run.key)
     if not jobs:
         return
     pool = None
@@ -156,20 +167,20 @@ def flagship(n: int, workers: int = 1) -> list[str]:
     old = load_results("flagship") if results_path("flagship").exists() else {}
     results = {"model": NAME, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
     kept = old.get("runs", {}) if old.get("card_sha256") == digest and old.get("n") == n else {}
-    for model, sampler, steps in RUNS:  # runs measured before the table named their model
-        kept.get(run_key(model, sampler, steps), {}).setdefault("model", model)
+    for run in RUNS:  # runs measured before the table named their model
+        kept.get(run.key, {}).setdefault("model", run.model)
     results["runs"] = kept
     began = time.perf_counter()
 
     def score(key: str, samples: torch.Tensor, seconds: float) -> None:
-        model, sampler, steps = next(run for run in RUNS if run_key(*run) == key)
-        results["runs"][key] = {"model": model, "sampler": sampler, "steps": steps, "seconds": seconds}
+        run = next(run for run in RUNS if run.key == key)
+        results["runs"][key] = {**run._asdict(), "seconds": seconds}
         results["runs"][key].update(sample_scores(classifier, samples))
         save_results("flagship", results)
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
-    runs = [run for run in RUNS if run_key(*run) not in kept]
-    draw(runs, n, {run_key(*run): chunks.get(run_key(*run), {}) for run in runs}, digest, workers, score)
+    runs = [run for run in RUNS if run.key not in kept]
+    draw(runs, n, {run.key: chunks.get(run.key, {}) for run in runs}, digest, workers, score)
     chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
     return report(results, card)
 
@@ -177,12 +188,13 @@ def flagship(n: int, workers: int = 1) -> list[str]:
 def report(results: dict, card: dict) -> list[str]:
     runs, n = results["runs"], results["n"]
     training = card["training"]
-    ddim50, base = runs["DDIM-50"], runs.get(run_key(BASE, "DDIM", 50))
+    ddim50, base = runs["DDIM-50"], runs.get(Run(BASE, "DDIM", 50).key)
     rows = [
-        f"| `{model}` | {sampler} | {steps} | {run['fid']:.2f} ± {run['fid_sd']:.2f} | "
-        f"{run['confident_fraction']:.3f} ± {fraction_sd(run['confident_fraction'], n):.3f} | "
-        f"{1000 * run['seconds'] / n:.0f} |"
-        for (model, sampler, steps), run in ((run, runs[run_key(*run)]) for run in RUNS if run_key(*run) in runs)
+        f"| `{run.model}` | {run.sampler} | {run.steps} | {'schedule' if run.sigma_max is None else run.sigma_max} | "
+        f"{measured['fid']:.2f} ± {measured['fid_sd']:.2f} | "
+        f"{measured['confident_fraction']:.3f} ± {fraction_sd(measured['confident_fraction'], n):.3f} | "
+        f"{1000 * measured['seconds'] / n:.0f} |"
+        for run, measured in ((run, runs[run.key]) for run in RUNS if run.key in runs)
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
     confident, confident_sd = ddim50["confident_fraction"], fraction_sd(ddim50["confident_fraction"], n)
@@ -193,8 +205,8 @@ def report(results: dict, card: dict) -> list[str]:
         f"digits, floor {floor:.2f} ± {floor_sd:.2f}; a confident fraction's spread is its binomial sd. Also "
         "written to `data/benchmarks/flagship.json`.",
         "",
-        "| model | sampler | steps | FID ± sd | confident (>= 0.9) ± sd | ms / image (one thread) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| model | sampler | steps | sigma_max | FID ± sd | confident (>= 0.9) ± sd | ms / image (one thread) |",
+        "|---|---|---:|---|---:|---:|---:|",
         *rows,
         "",
         "| target | measured | met |",
@@ -205,13 +217,13 @@ def report(results: dict, card: dict) -> list[str]:
         f"| DDIM-50 confident >= {CONFIDENT:.0%} | {confident:.1%} ± {confident_sd:.1%} | "
         f"{'yes' if confident >= CONFIDENT else '**no**'} |",
     ]
-    for (sampler, steps), (ref_sampler, ref_steps), limit in RATIO_TARGETS:
-        run, reference = runs.get(f"{sampler}-{steps}"), runs.get(f"{ref_sampler}-{ref_steps}")
+    for key, reference_key, limit in RATIO_TARGETS:
+        run, reference = runs.get(key), runs.get(reference_key)
         if run is None or reference is None:
             continue
         ratio = run["fid"] / reference["fid"]
         lines.append(
-            f"| {sampler}-{steps} FID <= {limit}x {ref_sampler}-{ref_steps}'s | {ratio:.2f}x ({run['fid']:.2f} ± "
+            f"| {key} FID <= {limit}x {reference_key}'s | {ratio:.2f}x ({run['fid']:.2f} ± "
             f"{run['fid_sd']:.2f} against {reference['fid']:.2f} ± {reference['fid_sd']:.2f}) | "
             f"{'yes' if ratio <= limit else '**no**'} |"
         )

@@ -124,7 +124,7 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
 
     calls = []
 
-    def fake_draw(model, schedule, sampler, steps, n, seed):
+    def fake_draw(model, schedule, sampler, steps, n, seed, sigma_max):
         calls.append((sampler, seed))
         if len(calls) == 3 and stop_at_third:
             raise KeyboardInterrupt  # the session ends while the third chunk is drawn
@@ -134,7 +134,8 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
     monkeypatch.setattr(bench_flagship, "draw_samples", fake_draw)
     monkeypatch.setattr(bench_flagship, "load_models", lambda: ({bench_flagship.NAME: None, "base": None}, None))
     monkeypatch.setattr(bench_flagship, "chunks_path", lambda: tmp_path / "chunks.pt")
-    n, runs = 2 * bench_flagship.CHUNK + 7, [(bench_flagship.NAME, "DDIM", 50), ("base", "DDPM", 1000)]
+    runs = [bench_flagship.Run(bench_flagship.NAME, "DDIM", 50), bench_flagship.Run("base", "DDPM", 1000)]
+    n = 2 * bench_flagship.CHUNK + 7
     finished = {}
 
     def keep(key, samples, seconds):
@@ -162,7 +163,7 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
 def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_beside_it():
     import bench_flagship
 
-    def run(fid, confident):
+    def measured(fid, confident):
         return {
             "fid": fid,
             "fid_sd": 0.5,
@@ -172,12 +173,19 @@ def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_
             "seconds": 100.0,
         }
 
-    runs = {bench_flagship.run_key(*key): run(1.4, 0.87) for key in bench_flagship.RUNS}
-    runs["DDPM-1000"], runs["unet_mnist_eps DDIM-50"] = run(1.2, 0.9), run(2.8, 0.85)
+    runs = {run.key: measured(1.4, 0.87) for run in bench_flagship.RUNS}
+    runs["DDPM-1000"], runs["unet_mnist_eps DDIM-50"] = measured(1.2, 0.9), measured(2.8, 0.85)
+    runs["Euler (Karras)-20"] = measured(4.4, 0.75)
     card = {"training": {"status": "finished", "images_seen": 512_000, "images_seen_in_all": 768_000}}
     lines = bench_flagship.report({"runs": runs, "n": 1000}, card)
     text = "\n".join(lines)
-    assert "| `unet_mnist_eps` | DDIM | 50 | 2.80 ± 0.50 | 0.850 ± 0.011 | 100 |" in text
+    assert "| `unet_mnist_eps` | DDIM | 50 | schedule | 2.80 ± 0.50 | 0.850 ± 0.011 | 100 |" in text
+    assert "| `unet_mnist_flow_logit` | Euler (Karras) | 20 | 80.0 | 1.40 ± 0.50 | 0.870 ± 0.011 | 100 |" in text
+    assert (
+        "| Euler (Karras)-20 FID <= 1.2x DPM-Solver++(2M)-20's | 3.14x (4.40 ± 0.50 against 1.40 ± 0.50) | **no**"
+        in text
+    )
+    assert "| Euler (Karras)-20 (sigma_max 80) FID <= 1.2x DPM-Solver++(2M)-20's | 1.00x" in text
     assert "| DDIM-50 FID <= 3x the floor | 3.50x (1.40 ± 0.50 against 3 x (0.40 ± 0.30)) | **no** |" in text
     assert "| DDIM-50 confident >= 90% | 87.0% ± 1.1% | **no** |" in text
     assert "| DDIM-50 FID <= 1.25x DDPM-1000's | 1.17x (1.40 ± 0.50 against 1.20 ± 0.50) | yes |" in text
