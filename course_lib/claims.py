@@ -13,6 +13,8 @@ more than twice the combined standard deviation (about 95% one-sided for indepen
 
 import math
 
+import torch
+
 SPREADS = 2.0  # a gap counts when it exceeds this many combined standard deviations
 
 
@@ -29,6 +31,19 @@ def fraction_sd(fraction: float, n: int) -> float:
     if not 0 <= fraction <= 1 or n < 1:
         raise ValueError(f"need a fraction in [0, 1] and n >= 1; got fraction={fraction}, n={n}")
     return math.sqrt(fraction * (1 - fraction) / n)
+
+
+def paired_fraction_gap(flags_a, flags_b) -> tuple[float, float]:
+    """(mean(a) - mean(b), its standard deviation) for two sets of yes/no readings made in pairs (row i of each from
+    the same starting noise): the spread of the mean paired difference, std(a - b) / sqrt(n), which leaves out what
+    the pairs share. a's fraction is clearly above b's when the gap exceeds twice this spread."""
+    a, b = (torch.as_tensor(flags).double().flatten() for flags in (flags_a, flags_b))
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired readings need as many rows, at least 2: got {len(a)} and {len(b)}")
+    if not all(((flags == 0) | (flags == 1)).all() for flags in (a, b)):
+        raise ValueError("readings must be 0 / 1 (or False / True)")
+    difference = a - b
+    return difference.mean().item(), (difference.std() / math.sqrt(len(difference))).item()
 
 
 def check_claim(holds: bool, claim: str, evidence: str, decisive: bool = True) -> None:

@@ -310,6 +310,31 @@ def fid_with_spread(
     return fid(a, b), torch.tensor(draws).std().item()
 
 
+def paired_fid_gap(
+    features_a: torch.Tensor, features_b: torch.Tensor, reference: torch.Tensor, repeats: int = 50, seed: int = 0
+) -> tuple[float, float]:
+    """(FID(a, reference) - FID(b, reference), its bootstrap standard deviation) for two sample sets drawn in pairs:
+    row i of a and row i of b from the same starting noise (two models, or two samplers, from the same seeds).
+
+    Each resampling takes the same rows of a and of b, and one resampling of the reference for both, so the noise
+    the two share cancels in the gap: its spread is smaller than the two FIDs' own spreads combined whenever the
+    pairs are alike. a is clearly better than b when the gap is below minus twice its spread (`claims.clearly_below`
+    with (gap, sd, 0, 0))."""
+    a, ref = _check_features(features_a, reference)
+    b, _ = _check_features(features_b, reference)
+    if len(a) != len(b):
+        raise ValueError(f"paired sets need as many rows: features_a has {len(a)}, features_b {len(b)}")
+    if repeats < 2:
+        raise ValueError(f"repeats must be >= 2 to give a spread; got {repeats}")
+    generator = torch.Generator().manual_seed(seed)
+    gaps = []
+    for _ in range(repeats):
+        rows = torch.randint(len(a), (len(a),), generator=generator)  # the same pairs for a and b
+        rows_ref = torch.randint(len(ref), (len(ref),), generator=generator)
+        gaps.append(fid(a[rows], ref[rows_ref]) - fid(b[rows], ref[rows_ref]))
+    return fid(a, ref) - fid(b, ref), torch.tensor(gaps).std().item()
+
+
 def kept_and_changed(
     classifier: DigitClassifier,
     samples: torch.Tensor,

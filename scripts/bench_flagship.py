@@ -15,10 +15,12 @@ DDPM-1000 makes a million network calls at n = 1,000 (about two hours on one CPU
 chunks of CHUNK, each from its own seed (the same chunks for every sampler), and every finished chunk is kept in
 data/training/bench_flagship_chunks.pt (committed while unfinished, like a training checkpoint): a stopped run
 resumes at the chunks it was drawing, in a later session too. The chunks of a model whose card changed are dropped;
-the file is removed once every sampler is measured. `--workers W` draws chunks in W processes of one torch thread
-each (two one-thread processes on two cores outrun one two-thread process: a batch of 50 at 28 x 28 is too small
-to split well); only the main process writes the file and the results, so stopping it loses only the chunks in
-flight.
+the file is removed once every sampler is measured. The samples of the runs in STORED are kept (uint8) in
+data/benchmarks/flagship_samples.safetensors: chapter 11 shows them, and they can be scored again without drawing.
+
+`--workers W` draws chunks in W processes of one torch thread each (two one-thread processes on two cores outrun one
+two-thread process: a batch of 50 at 28 x 28 is too small to split well); only the main process writes the file and
+the results, so stopping it loses only the chunks in flight.
 """
 
 import multiprocessing
@@ -31,12 +33,20 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from course_lib.benchmark import card_digest, load_results, results_path, save_results
-from course_lib.claims import clearly_below, fraction_sd
-from course_lib.data import data_dir
+from course_lib.claims import clearly_below, fraction_sd, paired_fraction_gap
+from course_lib.data import data_dir, record_sha256
 from course_lib.frame import as_vp_model, denoiser
-from course_lib.metrics import load_digit_classifier, sample_scores
+from course_lib.metrics import (
+    classifier_features,
+    classifier_probabilities,
+    load_digit_classifier,
+    paired_fid_gap,
+    real_digits,
+    sample_scores,
+)
 from course_lib.profiles import describe_machine
 from course_lib.recipes import DIGIT_SCHEDULE
 from course_lib.sampling import draw_samples
@@ -71,10 +81,24 @@ RATIO_TARGETS = [
     ("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-20", 1.2),
 ]
 FLOOR_TIMES, CONFIDENT = 3.0, 0.9  # DDIM-50's FID against the floor, and its confident fraction
+STORED = ("DDIM-50", "unet_mnist_eps DDIM-50", "DDPM-1000")  # runs whose samples are kept (chapter 11 shows them)
+PAIRS = [("DDIM-50", "unet_mnist_eps DDIM-50"), ("DDIM-50", "DDPM-1000")]  # compared sample for sample (same noise)
 
 
 def chunks_path() -> Path:
     return data_dir() / "training" / "bench_flagship_chunks.pt"
+
+
+def samples_path() -> Path:
+    return data_dir() / "benchmarks" / "flagship_samples.safetensors"
+
+
+def store_samples(key: str, samples: torch.Tensor) -> None:
+    """Keep one run's samples (uint8, 0-255) beside the others in samples_path(), for grids and later scoring."""
+    stored = load_file(samples_path()) if samples_path().exists() else {}
+    stored[key] = ((samples + 1) * 127.5).round().to(torch.uint8)
+    save_file(stored, samples_path())
+    record_sha256(samples_path())
 
 
 def load_models() -> tuple[dict[str, torch.nn.Module], object]:
@@ -177,12 +201,42 @@ def flagship(n: int, workers: int = 1) -> list[str]:
         results["runs"][key] = {**run._asdict(), "seconds": seconds}
         results["runs"][key].update(sample_scores(classifier, samples))
         save_results("flagship", results)
+        if key in STORED:
+            store_samples(key, samples)
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
     runs = [run for run in RUNS if run.key not in kept]
-    draw(runs, n, {run.key: chunks.get(run.key, {}) for run in runs}, digest, workers, score)
+    draw(runs, n, {**chunks, **{run.key: chunks.get(run.key, {}) for run in runs}}, digest, workers, score)
     chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
+    results["paired"] = paired_gaps(classifier, n)
+    save_results("flagship", results)
     return report(results, card)
+
+
+def paired_gaps(classifier, n: int, seed: int = 0) -> list[dict]:
+    """For each of PAIRS, from the stored samples (row i of both from the same noise): the FID gap against the
+    held-out digits `sample_scores` used and the confident-fraction gap, each with its paired spread."""
+    stored = {key: images.float() / 127.5 - 1 for key, images in load_file(samples_path()).items()}
+    reference = classifier_features(classifier, real_digits(n, seed)[0])
+    features = {key: classifier_features(classifier, images) for key, images in stored.items()}
+    confident = {
+        key: classifier_probabilities(classifier, images).max(dim=1).values >= 0.9 for key, images in stored.items()
+    }
+    gaps = []
+    for a, b in PAIRS:
+        fid_gap, fid_gap_sd = paired_fid_gap(features[a], features[b], reference, seed=seed)
+        confident_gap, confident_gap_sd = paired_fraction_gap(confident[a], confident[b])
+        gaps.append(
+            {
+                "a": a,
+                "b": b,
+                "fid_gap": fid_gap,
+                "fid_gap_sd": fid_gap_sd,
+                "confident_gap": confident_gap,
+                "confident_gap_sd": confident_gap_sd,
+            }
+        )
+    return gaps
 
 
 def report(results: dict, card: dict) -> list[str]:
@@ -235,6 +289,17 @@ def report(results: dict, card: dict) -> list[str]:
             f"against {base['fid']:.2f} ± {base['fid_sd']:.2f} ({'clearly below' if below else 'inside the spreads'}"
             f"), confident {confident:.1%} against {base['confident_fraction']:.1%}.",
         ]
+    for pair in results.get("paired", []):
+        fid_clear = clearly_below(pair["fid_gap"], pair["fid_gap_sd"], 0, 0) or clearly_below(
+            0, 0, pair["fid_gap"], pair["fid_gap_sd"]
+        )
+        confident_clear = abs(pair["confident_gap"]) > 2 * pair["confident_gap_sd"]
+        lines.append(
+            f"- Paired, sample for sample ({pair['a']} minus {pair['b']}, the same noise and held-out digits in every "
+            f"bootstrap draw): FID {pair['fid_gap']:+.2f} ± {pair['fid_gap_sd']:.2f} "
+            f"({'beyond' if fid_clear else 'inside'} twice its spread), confident {pair['confident_gap']:+.1%} ± "
+            f"{pair['confident_gap_sd']:.1%} ({'beyond' if confident_clear else 'inside'} twice its spread)."
+        )
     return lines
 
 

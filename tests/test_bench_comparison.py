@@ -177,7 +177,17 @@ def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_
     runs["DDPM-1000"], runs["unet_mnist_eps DDIM-50"] = measured(1.2, 0.9), measured(2.8, 0.85)
     runs["Euler (Karras)-20"] = measured(4.4, 0.75)
     card = {"training": {"status": "finished", "images_seen": 512_000, "images_seen_in_all": 768_000}}
-    lines = bench_flagship.report({"runs": runs, "n": 1000}, card)
+    paired = [
+        {
+            "a": "DDIM-50",
+            "b": "unet_mnist_eps DDIM-50",
+            "fid_gap": -0.84,
+            "fid_gap_sd": 0.3,
+            "confident_gap": 0.021,
+            "confident_gap_sd": 0.012,
+        }
+    ]
+    lines = bench_flagship.report({"runs": runs, "n": 1000, "paired": paired}, card)
     text = "\n".join(lines)
     assert "| `unet_mnist_eps` | DDIM | 50 | schedule | 2.80 ± 0.50 | 0.850 ± 0.011 | 100 |" in text
     assert "| `unet_mnist_flow_logit` | Euler (Karras) | 20 | 80.0 | 1.40 ± 0.50 | 0.870 ± 0.011 | 100 |" in text
@@ -189,7 +199,8 @@ def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_
     assert "| DDIM-50 FID <= 3x the floor | 3.50x (1.40 ± 0.50 against 3 x (0.40 ± 0.30)) | **no** |" in text
     assert "| DDIM-50 confident >= 90% | 87.0% ± 1.1% | **no** |" in text
     assert "| DDIM-50 FID <= 1.25x DDPM-1000's | 1.17x (1.40 ± 0.50 against 1.20 ± 0.50) | yes |" in text
-    assert "FID 1.40 ± 0.50 against 2.80 ± 0.50 (inside the spreads), confident 87.0% against 85.0%" in lines[-1]
+    assert "FID 1.40 ± 0.50 against 2.80 ± 0.50 (inside the spreads), confident 87.0% against 85.0%" in lines[-2]
+    assert "FID -0.84 ± 0.30 (beyond twice its spread), confident +2.1% ± 1.2% (inside twice its spread)" in lines[-1]
 
 
 def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():

@@ -1,9 +1,11 @@
 """Claims checked (course_lib.claims): a contradicted claim fails the run; a gap counts only beyond its spread."""
 
+import math
+
 import pytest
 import torch
 
-from course_lib.claims import check_claim, clearly_below, fraction_sd
+from course_lib.claims import check_claim, clearly_below, fraction_sd, paired_fraction_gap
 
 
 def test_a_gap_counts_only_beyond_twice_the_combined_spread():
@@ -30,3 +32,20 @@ def test_fraction_sd_is_the_spread_of_a_fraction_over_repeated_draws():
     for fraction, n in [(1.2, 10), (-0.1, 10), (0.5, 0)]:
         with pytest.raises(ValueError, match=f"fraction={fraction}, n={n}"):
             fraction_sd(fraction, n)
+
+
+def test_a_paired_fraction_gap_leaves_out_what_the_pairs_share():
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.rand(1000, generator=generator) < 0.85  # most samples read the same under both
+    flipped = torch.rand(1000, generator=generator) < 0.03
+    a, b = shared, shared & ~flipped
+    gap, sd = paired_fraction_gap(a, b)
+    assert gap == pytest.approx(a.double().mean().item() - b.double().mean().item())
+    assert sd < 0.5 * math.hypot(
+        fraction_sd(a.double().mean().item(), 1000), fraction_sd(b.double().mean().item(), 1000)
+    )
+    assert sd == pytest.approx((a.double() - b.double()).std().item() / math.sqrt(1000))
+    with pytest.raises(ValueError, match="got 3 and 2"):
+        paired_fraction_gap([1, 0, 1], [1, 0])
+    with pytest.raises(ValueError, match="0 / 1"):
+        paired_fraction_gap([0.5, 1], [1, 0])

@@ -12,8 +12,10 @@ from course_lib.metrics import (
     classifier_probabilities,
     confident_fraction,
     fid,
+    fid_with_spread,
     kid,
     load_digit_classifier,
+    paired_fid_gap,
     real_floor,
     sample_scores,
 )
@@ -172,3 +174,18 @@ def test_bad_inputs_raise(classifier, heldout):
         classifier_features(DigitClassifier().train(), images[:4])
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\); got 1.0"):
         DigitClassifier(dropout=1.0)
+
+
+def test_a_paired_fid_gap_cancels_the_noise_two_sample_sets_share():
+    generator = torch.Generator().manual_seed(0)
+    reference, noise = torch.randn(300, 6, generator=generator), torch.randn(300, 6, generator=generator)
+    a, b = noise + 0.3, noise + 0.3 + 0.05 * torch.randn(300, 6, generator=generator)  # pairs from the same noise
+    gap, sd = paired_fid_gap(a, b, reference)
+    assert gap == pytest.approx(fid(a, reference) - fid(b, reference), rel=1e-12)
+    (_, sd_a), (_, sd_b) = fid_with_spread(a, reference), fid_with_spread(b, reference)
+    assert sd < 0.25 * (sd_a**2 + sd_b**2) ** 0.5  # what the pairs share no longer counts as spread
+    assert paired_fid_gap(a, a, reference) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="features_a has 300, features_b 299"):
+        paired_fid_gap(a, b[:-1], reference)
+    with pytest.raises(ValueError, match="repeats must be >= 2"):
+        paired_fid_gap(a, b, reference, repeats=1)
