@@ -200,22 +200,23 @@ def flagship(n: int, workers: int = 1) -> list[str]:
         run = next(run for run in RUNS if run.key == key)
         results["runs"][key] = {**run._asdict(), "seconds": seconds}
         results["runs"][key].update(sample_scores(classifier, samples))
-        save_results("flagship", results)
         if key in STORED:
             store_samples(key, samples)
+            results["paired"] = paired_gaps(classifier, n)
+        save_results("flagship", results)
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
+    results["paired"] = paired_gaps(classifier, n) if samples_path().exists() else []
+    save_results("flagship", results)
     runs = [run for run in RUNS if run.key not in kept]
     draw(runs, n, {**chunks, **{run.key: chunks.get(run.key, {}) for run in runs}}, digest, workers, score)
     chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
-    results["paired"] = paired_gaps(classifier, n)
-    save_results("flagship", results)
     return report(results, card)
 
 
 def paired_gaps(classifier, n: int, seed: int = 0) -> list[dict]:
-    """For each of PAIRS, from the stored samples (row i of both from the same noise): the FID gap against the
-    held-out digits `sample_scores` used and the confident-fraction gap, each with its paired spread."""
+    """For each of PAIRS whose samples are both stored (row i of both from the same noise): the FID gap against
+    the held-out digits `sample_scores` used and the confident-fraction gap, each with its paired spread."""
     stored = {key: images.float() / 127.5 - 1 for key, images in load_file(samples_path()).items()}
     reference = classifier_features(classifier, real_digits(n, seed)[0])
     features = {key: classifier_features(classifier, images) for key, images in stored.items()}
@@ -223,7 +224,7 @@ def paired_gaps(classifier, n: int, seed: int = 0) -> list[dict]:
         key: classifier_probabilities(classifier, images).max(dim=1).values >= 0.9 for key, images in stored.items()
     }
     gaps = []
-    for a, b in PAIRS:
+    for a, b in (pair for pair in PAIRS if set(pair) <= set(stored)):
         fid_gap, fid_gap_sd = paired_fid_gap(features[a], features[b], reference, seed=seed)
         confident_gap, confident_gap_sd = paired_fraction_gap(confident[a], confident[b])
         gaps.append(
