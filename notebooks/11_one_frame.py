@@ -928,8 +928,8 @@ if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that res
 # for sample (`metrics.paired_fid_gap`: every bootstrap draw takes the same pairs and the same held-out digits for
 # both), and measured so the gap lies beyond twice its spread. Its confident fraction is ahead by about two
 # points, inside the paired spread. DPM-Solver++(2M) in 20 calls is as good as DDIM in 100 (target: within 1.2x);
-# Euler (Karras) in 20 calls is not as good as DPM-Solver++(2M) in 20, even from chapter 5's $\sigma_{max} = 80$.
-# And the flagship misses two of the course's targets: fewer than 90% of its DDIM-50 samples read with confidence,
+# Euler (Karras) in 20 calls is not as good as DPM-Solver++(2M) in 20, even from chapter 5's $\sigma_{max} = 80$
+# (a missed target). And the flagship misses two more: fewer than 90% of its DDIM-50 samples read with confidence,
 # by more than two spreads, and its FID is above 3x the floor, a ratio the floor's own spread at n = 1,000 makes
 # uncertain.
 
@@ -983,7 +983,7 @@ check_claim(
 # - Each objective is a weighting of the same x0 error over noise levels; preconditioning keeps the network's
 #   scales near one, and eps-prediction pays for lacking it at the noisy end.
 # - On equal budgets the logit-normal flow objective led; trained on to the eps model's 768,000 images it is the
-#   course's flagship: its FID is below the eps model's sample for sample, and it is still short of two targets.
+#   course's flagship: its FID is below the eps model's sample for sample, and it still misses three targets.
 #
 # ## Exercises
 #
