@@ -95,13 +95,22 @@ def classifier_probabilities(classifier: DigitClassifier, images: torch.Tensor, 
     return _classifier_outputs(classifier, images, batch_size, logits=True).softmax(dim=1)
 
 
-def confident_fraction(classifier: DigitClassifier, images: torch.Tensor, threshold: float = 0.9) -> float:
+CONFIDENT = 0.9  # a sample is read with confidence when its most likely class has at least this probability
+
+
+def confident_flags(classifier: DigitClassifier, images: torch.Tensor, threshold: float = CONFIDENT) -> torch.Tensor:
+    """(N,) bool: whether each image's most likely class has probability at least `threshold`. Kept per image
+    so that two sample sets drawn from the same noise can be compared pair by pair (`claims.paired_fraction_gap`)."""
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must lie in (0, 1); got {threshold}")
+    return classifier_probabilities(classifier, images).max(dim=1).values >= threshold
+
+
+def confident_fraction(classifier: DigitClassifier, images: torch.Tensor, threshold: float = CONFIDENT) -> float:
     r"""The fraction of images whose most likely class has probability at least `threshold`:
     $\frac{1}{N} \sum_i [\max_c p(c \mid x_i) \geq \text{threshold}]$. A blurred, ambiguous or malformed sample
     lowers it; the shipped classifier was trained to be unsure of noise and blobs (outlier exposure)."""
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must lie in (0, 1); got {threshold}")
-    return (classifier_probabilities(classifier, images).max(dim=1).values >= threshold).double().mean().item()
+    return confident_flags(classifier, images, threshold).double().mean().item()
 
 
 def class_accuracy(classifier: DigitClassifier, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -285,6 +294,44 @@ def sample_scores(classifier: DigitClassifier, samples: torch.Tensor, seed: int 
         "kid": kid_of(generated, heldout),
         "kid_floor": kid_of(train, heldout),
         "confident_fraction": confident_fraction(classifier, samples),
+    }
+
+
+# --- copies of the training set -----------------------------------------------------------------------------------
+
+
+def nearest_distances(images: torch.Tensor, reference: torch.Tensor, batch_size: int = FEATURE_BATCH) -> torch.Tensor:
+    """(N,): the Euclidean distance, in pixel space, from each image to its nearest image in `reference`."""
+    check_images(images, "images")
+    check_images(reference, "reference")
+    flat_reference = reference.flatten(1).double()
+    nearest = [
+        torch.cdist(rows, flat_reference).min(dim=1).values for rows in images.flatten(1).double().split(batch_size)
+    ]
+    return torch.cat(nearest).float()
+
+
+def copy_check(samples: torch.Tensor, quantile: float = 0.05) -> dict[str, float]:
+    """Are generated digits copies of training digits? Each sample's distance to its nearest training digit (all
+    of the train split, which the models learnt from) beside the same distance for the held-out digits, which no
+    model saw: a model that memorises puts its samples nearer to the training set than new digits are.
+
+    Returns {"n", "median", "heldout_median", "quantile", "near_share"}: the medians of the two sets of distances,
+    and the share of samples nearer to a training digit than the `quantile` of the held-out digits' distances
+    (about `quantile` when samples are no nearer than new digits; well above it when the model copies)."""
+    check_images(samples, "samples")
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1); got {quantile}")
+    train = _split_images("train")
+    heldout = nearest_distances(_split_images("heldout"), train)
+    distances = nearest_distances(samples, train)
+    near = torch.quantile(heldout, quantile)
+    return {
+        "n": len(samples),
+        "median": distances.median().item(),
+        "heldout_median": heldout.median().item(),
+        "quantile": quantile,
+        "near_share": (distances < near).double().mean().item(),
     }
 
 

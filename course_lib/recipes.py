@@ -9,9 +9,9 @@ another config, schedule or data).
     unet_mnist_text     digits from captions, text encoder and cross-attention trained together (chapter 7)
     latent_mnist_eps    unconditional digits in the latent space of data/vae_mnist (chapter 6)
     unet_mnist_flow     flow matching (velocity on straight paths), started from unet_mnist_eps (chapter 10)
-    unet_mnist_flow_logit
-                        the flagship: the comparison's leader (cmp_flow_logit) trained on to 768,000 images in all
-                        (chapter 11); unet_mnist_eps stays the base of the fine-tuned models
+    unet_mnist_flow_logit, unet_mnist_flow_logit_long
+                        the flagship: the comparison's leader (cmp_flow_logit) trained on to 768,000 images in all,
+                        then to 1,280,000 (_long) (chapter 11); unet_mnist_eps stays the base of the fine-tuned models
     cmp_*               chapter 11's equal-budget comparison: the same UNet from scratch, same seed, the same
                         256,000 training images, one objective each (COMPARISON)
     dit_s, dit_m, dit_l, latent_unet_flow_class
@@ -169,6 +169,19 @@ RECIPES = {
             init_from="cmp_flow_logit",
             about="flow matching, t logit-normal(0, 1): cmp_flow_logit trained on, the course's flagship digit model "
             "(chapter 11); unet_mnist_eps stays the base of the fine-tuned models",
+        ),
+        # --- the flagship at 768,000 images misses two of its targets (confident >= 90%: 87.0% +- 1.1%; Euler (Karras)
+        # -20 within 1.2x of DPM-Solver++(2M)-20): the issue allows more images if we say how many. The same recipe
+        # again from the flagship's own weights: 512,000 more, 1,280,000 in all (the eps model saw 768,000). The
+        # training set is 4,000 digits (320 passes in all), so its samples are checked for copies as well.
+        Recipe(
+            "unet_mnist_flow_logit_long",
+            DIGIT_MODEL,
+            replace(FINE_TUNE_CONFIG, steps=4000, objective="flow", time_sampling="logit_normal", seed=2, **_plain),
+            schedule=None,
+            init_from="unet_mnist_flow_logit",
+            about="flow matching, t logit-normal(0, 1): the flagship trained on to 1,280,000 images in all, to see "
+            "whether more images meet the targets it misses at 768,000 (chapter 11)",
         ),
         # --- chapter 12's transformer study ----------------------------------------------------------------
         Recipe(

@@ -29,6 +29,8 @@ Figures:
     flagship     issue 15's flagship (unet_mnist_flow_logit) against the digit model's targets: DDIM-50 and -100,
                  DPM-Solver++(2M)-20, Euler (Karras)-20 and DDPM-1000, FID with spread and confident fraction,
                  drawn in chunks that a stopped run resumes (also data/benchmarks/flagship.json)
+    flagship_long  the same for unet_mnist_flow_logit_long (the flagship trained on past 768,000 images), with the
+                 flagship beside it from the same noise (also data/benchmarks/flagship_long.json)
     transformer  chapter 12's study: each finished DiT and the latent UNet, class-conditional flow on latents:
                  parameters, GFLOPs, training compute and time, ms per image, FID with spread and accuracy at
                  guidance 1 and 2 (also data/benchmarks/transformer.json; runs measured before are kept)
@@ -68,7 +70,7 @@ from course_lib.weights import load_card, load_model
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_comparison import comparison  # noqa: E402
 from bench_conditional import captions, guidance  # noqa: E402
-from bench_flagship import flagship  # noqa: E402
+from bench_flagship import STAGES, flagship  # noqa: E402
 from bench_transformer import transformer  # noqa: E402
 from report import replace_section  # noqa: E402
 
@@ -335,6 +337,7 @@ FIGURES = {
     "captions": captions,
     "comparison": comparison,
     "flagship": flagship,
+    "flagship_long": partial(flagship, figure="flagship_long"),
     "transformer": transformer,
 }
 SAMPLED = (
@@ -346,6 +349,7 @@ SAMPLED = (
     "captions",
     "comparison",
     "flagship",
+    "flagship_long",
     "transformer",
 )  # the figures that take --samples
 
@@ -356,7 +360,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--samples", type=int, default=SAMPLER_SAMPLES, help="digits per sampler, model or scale")
     parser.add_argument(
-        "--workers", type=int, default=1, help="flagship only: processes drawing its chunks, one torch thread each"
+        "--workers",
+        type=int,
+        default=1,
+        help="flagship figures only: processes drawing their chunks, one torch thread each",
     )
     args = parser.parse_args()
     if args.threads < 0:
@@ -372,13 +379,13 @@ def main() -> None:
         parser.error(f"unknown figure {unknown[0]!r}; valid: {', '.join(FIGURES)}")
     for name in args.figures or FIGURES:
         start = time.perf_counter()
-        if name == "flagship":
-            lines = flagship(args.samples, args.workers)
+        if name in STAGES:
+            lines = flagship(args.samples, args.workers, figure=name)
         else:
             lines = FIGURES[name](args.samples) if name in SAMPLED else FIGURES[name]()
         options = f" --threads {args.threads}" if args.threads else ""
         options += f" --samples {args.samples}" if name in SAMPLED else ""
-        options += f" --workers {args.workers}" if name == "flagship" and args.workers > 1 else ""
+        options += f" --workers {args.workers}" if name in STAGES and args.workers > 1 else ""
         header = (
             f"Measured {date.today()} with `python scripts/bench.py {name}{options}` on {describe_machine()}, "
             f"{torch.get_num_threads()} torch thread(s)."

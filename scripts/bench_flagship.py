@@ -2,21 +2,24 @@
 leader trained on) against the course's digit-model targets, at n = 1,000 with spreads:
 
     python scripts/bench.py flagship --samples 1000 --threads 1
+    python scripts/bench.py flagship_long --samples 1000 --threads 1   the same for unet_mnist_flow_logit_long
 
 Every sampler runs on the cosine schedule's clock (`frame.as_vp_model`: the flow model read as an eps model), from
 the same noise: DDIM-50 and -100, DPM-Solver++(2M)-20, Euler (Karras)-20 (from the schedule's sigma_max, and from
 sigma_max 80 as chapter 5 advises) and DDPM-1000 (ancestral); and the eps model it could replace, `unet_mnist_eps`,
-under DDIM-50 from the same noise, so that the two compare in one run. The targets: DDIM-50's FID <= 3x the
-real-vs-real floor and >= 90% of its samples read with confidence; DDIM-50 within 1.25x of DDPM-1000's FID;
+under DDIM-50 from the same noise, so that the two compare in one run (`flagship_long`: the flagship trained on
+past its 768,000-image goal, with the flagship beside it). The targets: FID <= 3x the real-vs-real floor and >= 90%
+of samples read with confidence (each read for DDIM-50 and for DDPM-1000); DDIM-50 within 1.25x of DDPM-1000's FID;
 DPM-Solver++(2M)-20 within 1.2x of DDIM-100's; Euler (Karras)-20 within 1.2x of DPM-Solver++(2M)-20's (each
 Euler run a row). A ratio is read beside the spreads of both FIDs.
 
 DDPM-1000 makes a million network calls at n = 1,000 (about two hours on one CPU thread), so samples are drawn in
 chunks of CHUNK, each from its own seed (the same chunks for every sampler), and every finished chunk is kept in
-data/training/bench_flagship_chunks.pt (committed while unfinished, like a training checkpoint): a stopped run
+data/training/bench_FIGURE_chunks.pt (committed while unfinished, like a training checkpoint): a stopped run
 resumes at the chunks it was drawing, in a later session too. The chunks of a model whose card changed are dropped;
-the file is removed once every sampler is measured. The samples of the runs in STORED are kept (uint8) in
-data/benchmarks/flagship_samples.safetensors: chapter 11 shows them, and they can be scored again without drawing.
+the file is removed once every sampler is measured. The samples of DDIM-50, DDPM-1000 and the model beside are
+kept (uint8) in data/benchmarks/FIGURE_samples.safetensors: chapter 11 shows them, and their class histograms, copy
+checks (`metrics.copy_check`) and paired gaps are read from them (again at every call, without drawing).
 
 `--workers W` draws chunks in W processes of one torch thread each (two one-thread processes on two cores outrun one
 two-thread process: a batch of 50 at 28 x 28 is too small to split well); only the main process writes the file and
@@ -40,8 +43,11 @@ from course_lib.claims import clearly_below, fraction_sd, paired_fraction_gap
 from course_lib.data import data_dir, record_sha256
 from course_lib.frame import as_vp_model, denoiser
 from course_lib.metrics import (
+    CONFIDENT,
+    class_histogram,
     classifier_features,
-    classifier_probabilities,
+    confident_flags,
+    copy_check,
     load_digit_classifier,
     paired_fid_gap,
     real_digits,
@@ -54,6 +60,10 @@ from course_lib.schedules import make_schedule
 from course_lib.weights import load_card, load_model
 
 NAME, BASE = "unet_mnist_flow_logit", "unet_mnist_eps"  # the flagship, and the eps model it could replace
+LONG = "unet_mnist_flow_logit_long"  # the flagship trained on past the 768,000-image goal
+# Each figure: (the model measured, the model drawn beside it from the same noise). flagship_long asks whether the
+# extra images helped: the flagship at 768,000 beside it, sample for sample.
+STAGES = {"flagship": (NAME, BASE), "flagship_long": (LONG, NAME)}
 CHUNK = 50  # samples per chunk: one batch; DDPM-1000 takes about 6 minutes a chunk on one thread
 
 
@@ -62,17 +72,24 @@ class Run(NamedTuple):
     sampler: str
     steps: int
     sigma_max: float | None = None  # Euler (Karras)'s first level; None: the schedule's (2.0e4 for the cosine)
+    beside: bool = False  # the model drawn beside the measured one: its key names it
 
     @property
     def key(self) -> str:
-        """'SAMPLER-STEPS' for the flagship (with ' (sigma_max S)' when capped), 'BASE SAMPLER-STEPS' for another."""
+        """'SAMPLER-STEPS' for the measured model (with ' (sigma_max S)' when capped), 'MODEL SAMPLER-STEPS' for
+        the model beside it."""
         key = f"{self.sampler}-{self.steps}" + (f" (sigma_max {self.sigma_max:g})" if self.sigma_max else "")
-        return key if self.model == NAME else f"{self.model} {key}"
+        return f"{self.model} {key}" if self.beside else key
 
 
-RUNS = [Run(NAME, "DDIM", 50), Run(NAME, "DDIM", 100), Run(NAME, "DPM-Solver++(2M)", 20)]  # quick ones first
-RUNS += [Run(NAME, "Euler (Karras)", 20), Run(NAME, "Euler (Karras)", 20, 80.0), Run(BASE, "DDIM", 50)]
-RUNS += [Run(NAME, "DDPM", 1000)]
+def stage_runs(model: str, beside: str) -> list[Run]:
+    """The runs of one figure: the quick samplers first, the model beside it, DDPM-1000 last."""
+    runs = [Run(model, "DDIM", 50), Run(model, "DDIM", 100), Run(model, "DPM-Solver++(2M)", 20)]
+    runs += [Run(model, "Euler (Karras)", 20), Run(model, "Euler (Karras)", 20, 80.0)]
+    return runs + [Run(beside, "DDIM", 50, beside=True), Run(model, "DDPM", 1000)]
+
+
+RUNS = stage_runs(*STAGES["flagship"])
 # (the run's key, its reference's, the largest ratio of their FIDs)
 RATIO_TARGETS = [
     ("DDIM-50", "DDPM-1000", 1.25),
@@ -80,40 +97,54 @@ RATIO_TARGETS = [
     ("Euler (Karras)-20", "DPM-Solver++(2M)-20", 1.2),
     ("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-20", 1.2),
 ]
-FLOOR_TIMES, CONFIDENT = 3.0, 0.9  # DDIM-50's FID against the floor, and its confident fraction
-STORED = ("DDIM-50", "unet_mnist_eps DDIM-50", "DDPM-1000")  # runs whose samples are kept (chapter 11 shows them)
-PAIRS = [("DDIM-50", "unet_mnist_eps DDIM-50"), ("DDIM-50", "DDPM-1000")]  # compared sample for sample (same noise)
+FLOOR_TIMES = 3.0  # DDIM-50's FID against the floor (its confident fraction against metrics.CONFIDENT)
 
 
-def chunks_path() -> Path:
-    return data_dir() / "training" / "bench_flagship_chunks.pt"
+def stored_keys(beside: str) -> tuple[str, ...]:
+    """The runs whose samples are kept (chapter 11 shows them, and the paired gaps and copy checks read them)."""
+    return ("DDIM-50", Run(beside, "DDIM", 50, beside=True).key, "DDPM-1000")
 
 
-def samples_path() -> Path:
-    return data_dir() / "benchmarks" / "flagship_samples.safetensors"
+def pairs(beside: str) -> list[tuple[str, str]]:
+    """The runs compared sample for sample (drawn from the same noise): DDIM-50 against the model beside it and
+    against its own DDPM-1000."""
+    return [("DDIM-50", Run(beside, "DDIM", 50, beside=True).key), ("DDIM-50", "DDPM-1000")]
 
 
-def store_samples(key: str, samples: torch.Tensor) -> None:
-    """Keep one run's samples (uint8, 0-255) beside the others in samples_path(), for grids and later scoring."""
-    stored = load_file(samples_path()) if samples_path().exists() else {}
+def chunks_path(figure: str = "flagship") -> Path:
+    return data_dir() / "training" / f"bench_{figure}_chunks.pt"
+
+
+def samples_path(figure: str = "flagship") -> Path:
+    return data_dir() / "benchmarks" / f"{figure}_samples.safetensors"
+
+
+def store_samples(path: Path, key: str, samples: torch.Tensor) -> None:
+    """Keep one run's samples (uint8, 0-255) beside the others in `path`, for grids and later scoring."""
+    stored = load_file(path) if path.exists() else {}
     stored[key] = ((samples + 1) * 127.5).round().to(torch.uint8)
-    save_file(stored, samples_path())
-    record_sha256(samples_path())
+    save_file(stored, path)
+    record_sha256(path)
 
 
-def load_models() -> tuple[dict[str, torch.nn.Module], object]:
-    """{NAME: the flagship read as an eps model on the cosine schedule's clock, BASE: the eps model}, the schedule."""
+def load_models(names: tuple[str, ...]) -> tuple[dict[str, torch.nn.Module], object]:
+    """{name: the model read as an eps model on the cosine schedule's clock}, the schedule: a flow model through
+    `frame.as_vp_model`, the eps model as it is."""
     schedule = make_schedule(**DIGIT_SCHEDULE)
-    flagship = as_vp_model(denoiser(load_model(NAME), clip=None), schedule)
-    return {NAME: flagship, BASE: load_model(BASE)}, schedule
+    models = {}
+    for name in names:
+        model = load_model(name)
+        eps = load_card(name)["prediction_type"] == "eps"
+        models[name] = model if eps else as_vp_model(denoiser(model, clip=None), schedule)
+    return models, schedule
 
 
 _WORKER: dict = {}  # each drawing process's models and schedule, loaded once by `_start_worker`
 
 
-def _start_worker(threads: int) -> None:
+def _start_worker(threads: int, names: tuple[str, ...]) -> None:
     torch.set_num_threads(threads)
-    _WORKER["models"], _WORKER["schedule"] = load_models()
+    _WORKER["models"], _WORKER["schedule"] = load_models(names)
 
 
 def draw_chunk(job: tuple[Run, int, int]) -> tuple[str, int, dict]:
@@ -139,9 +170,10 @@ def draw(
     digest: str,
     workers: int,
     finished: Callable[[str, torch.Tensor, float], None],
+    path: Path,
 ) -> None:
     """Draw the runs' missing chunks (in `workers` processes when > 1) into `chunks` ({run_key: {"k": chunk}}),
-    saving the chunks file after each one; call finished(key, samples, seconds) as soon as a run has all its chunks
+    saving them to `path` after each one; call finished(key, samples, seconds) as soon as a run has all its chunks
     (at once for a run drawn before)."""
     count = -(-n // CHUNK)
 
@@ -157,19 +189,19 @@ def draw(
             complete(run.key)
     if not jobs:
         return
-    pool = None
+    pool, names = None, tuple(dict.fromkeys(run.model for run in runs))
     if workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(1,))
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker, initargs=(1, names))
         drawn = pool.imap_unordered(draw_chunk, jobs)
     else:
-        _start_worker(torch.get_num_threads())
+        _start_worker(torch.get_num_threads(), names)
         drawn = map(draw_chunk, jobs)
-    stop = lambda *_: sys.exit(f"stopped (SIGTERM); the same command resumes from {chunks_path()}")  # noqa: E731
+    stop = lambda *_: sys.exit(f"stopped (SIGTERM); the same command resumes from {path}")  # noqa: E731
     previous = signal.signal(signal.SIGTERM, stop)  # unwind, so that the pool's processes stop too
     try:
         for key, k, chunk in drawn:
             chunks.setdefault(key, {})[str(k)] = chunk
-            torch.save({"card_sha256": digest, "chunks": chunks}, chunks_path())
+            torch.save({"card_sha256": digest, "chunks": chunks}, path)
             print(f"{key}: chunk {k + 1} of {count} ({chunk['seconds']:.0f} s)", flush=True)
             if len(chunks[key]) == count:
                 complete(key)
@@ -179,55 +211,64 @@ def draw(
             pool.terminate()  # stopped or done: no chunk is left drawing
 
 
-def flagship(n: int, workers: int = 1) -> list[str]:
-    if not (data_dir() / f"{NAME}.json").exists():
-        return [f"`{NAME}` is not exported yet: train it (`python scripts/train_unet.py --recipe {NAME}`) first."]
-    card, digest = load_card(NAME), card_digest(NAME)
-    if card["training"]["status"] != "finished":  # hours of sampling: only for the model that ships
-        return [f"`{NAME}` is exported but not finished ({card['training']['status']}): finish its training first."]
-    saved = torch.load(chunks_path(), weights_only=True) if chunks_path().exists() else {}
+def flagship(n: int, workers: int = 1, figure: str = "flagship") -> list[str]:
+    """Measure one of STAGES (resuming its chunks), write data/benchmarks/FIGURE.json; the report's lines."""
+    name, beside = STAGES[figure]
+    if not (data_dir() / f"{name}.json").exists():
+        return [f"`{name}` is not exported yet: train it (`python scripts/train_unet.py --recipe {name}`) first."]
+    card, digest = load_card(name), card_digest(name)
+    if card["training"]["status"] != "finished":  # hours of sampling: only for a finished model
+        return [f"`{name}` is exported but not finished ({card['training']['status']}): finish its training first."]
+    stage = stage_runs(name, beside)
+    saved = torch.load(chunks_path(figure), weights_only=True) if chunks_path(figure).exists() else {}
     chunks = saved["chunks"] if saved.get("card_sha256") == digest else {}
     classifier = load_digit_classifier()
-    old = load_results("flagship") if results_path("flagship").exists() else {}
-    results = {"model": NAME, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
+    old = load_results(figure) if results_path(figure).exists() else {}
+    results = {"model": name, "card_sha256": digest, "n": n, "machine": describe_machine(), "date": str(date.today())}
     kept = old.get("runs", {}) if old.get("card_sha256") == digest and old.get("n") == n else {}
-    for run in RUNS:  # runs measured before the table named their model
+    for run in stage:  # runs measured before the table named their model
         kept.get(run.key, {}).setdefault("model", run.model)
     results["runs"] = kept
     began = time.perf_counter()
 
     def score(key: str, samples: torch.Tensor, seconds: float) -> None:
-        run = next(run for run in RUNS if run.key == key)
+        run = next(run for run in stage if run.key == key)
         results["runs"][key] = {**run._asdict(), "seconds": seconds}
         results["runs"][key].update(sample_scores(classifier, samples))
-        if key in STORED:
-            store_samples(key, samples)
-            results["paired"] = paired_gaps(classifier, n)
-        save_results("flagship", results)
+        if key in stored_keys(beside):
+            store_samples(samples_path(figure), key, samples)
+            judge_stored(results, classifier, figure)
+        save_results(figure, results)
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
-    results["paired"] = paired_gaps(classifier, n) if samples_path().exists() else []
-    save_results("flagship", results)
-    runs = [run for run in RUNS if run.key not in kept]
-    draw(runs, n, {**chunks, **{run.key: chunks.get(run.key, {}) for run in runs}}, digest, workers, score)
-    chunks_path().unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
-    return report(results, card)
+    judge_stored(results, classifier, figure)
+    save_results(figure, results)
+    runs = [run for run in stage if run.key not in kept]
+    chunks = {**chunks, **{run.key: chunks.get(run.key, {}) for run in runs}}
+    draw(runs, n, chunks, digest, workers, score, chunks_path(figure))
+    chunks_path(figure).unlink(missing_ok=True)  # every sampler measured: the chunks are in the results now
+    return report(results, card, figure)
 
 
-def paired_gaps(classifier, n: int, seed: int = 0) -> list[dict]:
-    """For each of PAIRS whose samples are both stored (row i of both from the same noise): the FID gap against
-    the held-out digits `sample_scores` used and the confident-fraction gap, each with its paired spread."""
-    stored = {key: images.float() / 127.5 - 1 for key, images in load_file(samples_path()).items()}
-    reference = classifier_features(classifier, real_digits(n, seed)[0])
+def judge_stored(results: dict, classifier, figure: str, seed: int = 0) -> None:
+    """From the stored samples (row i of every run from the same noise): each stored run's class histogram and copy
+    check (`metrics.copy_check`: nearer to the training digits than new digits are?), and for each pair of
+    `pairs` stored, the FID gap against the held-out digits `sample_scores` used and the confident-fraction gap,
+    each with its paired spread. Written into `results` ("runs"[key]["histogram"], ["copies"]; "paired")."""
+    path, beside = samples_path(figure), STAGES[figure][1]
+    stored = {key: images.float() / 127.5 - 1 for key, images in load_file(path).items()} if path.exists() else {}
+    for key, images in stored.items():
+        if key in results["runs"]:
+            results["runs"][key]["histogram"] = class_histogram(classifier, images).tolist()
+            results["runs"][key]["copies"] = copy_check(images)
+    reference = classifier_features(classifier, real_digits(results["n"], seed)[0])
     features = {key: classifier_features(classifier, images) for key, images in stored.items()}
-    confident = {
-        key: classifier_probabilities(classifier, images).max(dim=1).values >= 0.9 for key, images in stored.items()
-    }
-    gaps = []
-    for a, b in (pair for pair in PAIRS if set(pair) <= set(stored)):
+    confident = {key: confident_flags(classifier, images) for key, images in stored.items()}
+    results["paired"] = []
+    for a, b in (pair for pair in pairs(beside) if set(pair) <= set(stored)):
         fid_gap, fid_gap_sd = paired_fid_gap(features[a], features[b], reference, seed=seed)
         confident_gap, confident_gap_sd = paired_fraction_gap(confident[a], confident[b])
-        gaps.append(
+        results["paired"].append(
             {
                 "a": a,
                 "b": b,
@@ -237,28 +278,27 @@ def paired_gaps(classifier, n: int, seed: int = 0) -> list[dict]:
                 "confident_gap_sd": confident_gap_sd,
             }
         )
-    return gaps
 
 
-def report(results: dict, card: dict) -> list[str]:
+def report(results: dict, card: dict, figure: str = "flagship") -> list[str]:
+    name, beside = STAGES[figure]
     runs, n = results["runs"], results["n"]
     training = card["training"]
-    ddim50, base = runs["DDIM-50"], runs.get(Run(BASE, "DDIM", 50).key)
+    ddim50 = runs["DDIM-50"]
     rows = [
         f"| `{run.model}` | {run.sampler} | {run.steps} | {'schedule' if run.sigma_max is None else run.sigma_max} | "
         f"{measured['fid']:.2f} ± {measured['fid_sd']:.2f} | "
         f"{measured['confident_fraction']:.3f} ± {fraction_sd(measured['confident_fraction'], n):.3f} | "
         f"{1000 * measured['seconds'] / n:.0f} |"
-        for run, measured in ((run, runs[run.key]) for run in RUNS if run.key in runs)
+        for run, measured in ((run, runs[run.key]) for run in stage_runs(name, beside) if run.key in runs)
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
-    confident, confident_sd = ddim50["confident_fraction"], fraction_sd(ddim50["confident_fraction"], n)
     lines = [
-        f"Model `{NAME}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
-        f"training images in all, the shipped eps model's 768,000 the goal) and `{BASE}` beside it, {n} samples per "
-        f"sampler from the same noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} held-out "
-        f"digits, floor {floor:.2f} ± {floor_sd:.2f}; a confident fraction's spread is its binomial sd. Also "
-        "written to `data/benchmarks/flagship.json`.",
+        f"Model `{name}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
+        f"training images in all, the shipped eps model's 768,000 the goal) and `{beside}` beside it, {n} samples "
+        f"per sampler from the same noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} "
+        f"held-out digits, floor {floor:.2f} ± {floor_sd:.2f}; a confident fraction's spread is its binomial sd. "
+        f"Also written to `data/benchmarks/{figure}.json`.",
         "",
         "| model | sampler | steps | sigma_max | FID ± sd | confident (>= 0.9) ± sd | ms / image (one thread) |",
         "|---|---|---:|---|---:|---:|---:|",
@@ -266,12 +306,18 @@ def report(results: dict, card: dict) -> list[str]:
         "",
         "| target | measured | met |",
         "|---|---:|---|",
-        f"| DDIM-50 FID <= {FLOOR_TIMES:g}x the floor | {ddim50['fid'] / floor:.2f}x ({ddim50['fid']:.2f} ± "
-        f"{ddim50['fid_sd']:.2f} against {FLOOR_TIMES:g} x ({floor:.2f} ± {floor_sd:.2f})) | "
-        f"{'yes' if ddim50['fid'] <= FLOOR_TIMES * floor else '**no**'} |",
-        f"| DDIM-50 confident >= {CONFIDENT:.0%} | {confident:.1%} ± {confident_sd:.1%} | "
-        f"{'yes' if confident >= CONFIDENT else '**no**'} |",
     ]
+    for key in ("DDIM-50", "DDPM-1000"):  # the deterministic sampler, and the ancestral one
+        if key not in runs:
+            continue
+        run, confident = runs[key], runs[key]["confident_fraction"]
+        lines += [
+            f"| {key} FID <= {FLOOR_TIMES:g}x the floor | {run['fid'] / floor:.2f}x ({run['fid']:.2f} ± "
+            f"{run['fid_sd']:.2f} against {FLOOR_TIMES:g} x ({floor:.2f} ± {floor_sd:.2f})) | "
+            f"{'yes' if run['fid'] <= FLOOR_TIMES * floor else '**no**'} |",
+            f"| {key} confident >= {CONFIDENT:.0%} | {confident:.1%} ± {fraction_sd(confident, n):.1%} | "
+            f"{'yes' if confident >= CONFIDENT else '**no**'} |",
+        ]
     for key, reference_key, limit in RATIO_TARGETS:
         run, reference = runs.get(key), runs.get(reference_key)
         if run is None or reference is None:
@@ -282,13 +328,33 @@ def report(results: dict, card: dict) -> list[str]:
             f"{run['fid_sd']:.2f} against {reference['fid']:.2f} ± {reference['fid_sd']:.2f}) | "
             f"{'yes' if ratio <= limit else '**no**'} |"
         )
+    judged = [(key, runs[key]) for key in stored_keys(beside) if "copies" in runs.get(key, {})]
+    if judged:
+        lines += [
+            "",
+            "What the model must keep, read on the stored samples: every class (largest class share; 10% is "
+            "balanced, the fine-tunes' bound is 15%), and no copies of its 4,000 training digits (median distance "
+            "in pixels to the nearest training digit, beside the held-out digits' "
+            f"{judged[0][1]['copies']['heldout_median']:.2f}; share nearer than the held-out digits' "
+            f"{judged[0][1]['copies']['quantile']:.0%} quantile, about that share when nothing is copied):",
+            "",
+            "| run | largest class | smallest class | nearest training digit (median) | nearer than new digits ± sd |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {key} | {max(run['histogram']):.1%} | {min(run['histogram']):.1%} | "
+                f"{run['copies']['median']:.2f} | {run['copies']['near_share']:.1%} ± "
+                f"{fraction_sd(run['copies']['near_share'], run['copies']['n']):.1%} |"
+                for key, run in judged
+            ),
+        ]
+    base = runs.get(Run(beside, "DDIM", 50, beside=True).key)
     if base is not None:
         below = clearly_below(ddim50["fid"], ddim50["fid_sd"], base["fid"], base["fid_sd"])
         lines += [
             "",
-            f"Against `{BASE}` under DDIM-50 from the same noise: FID {ddim50['fid']:.2f} ± {ddim50['fid_sd']:.2f} "
+            f"Against `{beside}` under DDIM-50 from the same noise: FID {ddim50['fid']:.2f} ± {ddim50['fid_sd']:.2f} "
             f"against {base['fid']:.2f} ± {base['fid_sd']:.2f} ({'clearly below' if below else 'inside the spreads'}"
-            f"), confident {confident:.1%} against {base['confident_fraction']:.1%}.",
+            f"), confident {ddim50['confident_fraction']:.1%} against {base['confident_fraction']:.1%}.",
         ]
     for pair in results.get("paired", []):
         fid_clear = clearly_below(pair["fid_gap"], pair["fid_gap_sd"], 0, 0) or clearly_below(

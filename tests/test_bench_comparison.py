@@ -132,9 +132,9 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
         return torch.full((n, 1, 2, 2), value.item()), 1.0
 
     monkeypatch.setattr(bench_flagship, "draw_samples", fake_draw)
-    monkeypatch.setattr(bench_flagship, "load_models", lambda: ({bench_flagship.NAME: None, "base": None}, None))
-    monkeypatch.setattr(bench_flagship, "chunks_path", lambda: tmp_path / "chunks.pt")
-    runs = [bench_flagship.Run(bench_flagship.NAME, "DDIM", 50), bench_flagship.Run("base", "DDPM", 1000)]
+    monkeypatch.setattr(bench_flagship, "load_models", lambda names: (dict.fromkeys(names), None))
+    path = tmp_path / "chunks.pt"
+    runs = [bench_flagship.Run(bench_flagship.NAME, "DDIM", 50), bench_flagship.Run("base", "DDPM", 1000, beside=True)]
     n = 2 * bench_flagship.CHUNK + 7
     finished = {}
 
@@ -143,20 +143,20 @@ def test_the_flagship_bench_resumes_a_stopped_sampler_at_its_chunk(monkeypatch, 
 
     stop_at_third = True
     with pytest.raises(KeyboardInterrupt):
-        bench_flagship.draw(runs, n, {"DDIM-50": {}, "base DDPM-1000": {}}, "card", 1, keep)
+        bench_flagship.draw(runs, n, {"DDIM-50": {}, "base DDPM-1000": {}}, "card", 1, keep, path)
     saved = torch.load(tmp_path / "chunks.pt", weights_only=True)
     assert saved["card_sha256"] == "card" and sorted(saved["chunks"]["DDIM-50"]) == ["0", "1"]
     assert finished == {}  # no run has all its chunks yet
     stop_at_third, calls = False, []
-    bench_flagship.draw(runs, n, saved["chunks"], "card", 1, keep)
+    bench_flagship.draw(runs, n, saved["chunks"], "card", 1, keep, path)
     assert calls == [("DDIM", 2000), ("DDPM", 0), ("DDPM", 1000), ("DDPM", 2000)]  # only the missing chunks
     assert list(finished) == ["DDIM-50", "base DDPM-1000"] and finished["DDIM-50"][1] == 3.0
     everything = torch.load(tmp_path / "chunks.pt", weights_only=True)["chunks"]
     resumed = finished.pop("DDIM-50")[0]
-    bench_flagship.draw(runs[:1], n, {"DDIM-50": {}}, "card", 1, keep)  # the same run, never stopped
+    bench_flagship.draw(runs[:1], n, {"DDIM-50": {}}, "card", 1, keep, path)  # the same run, never stopped
     assert resumed.shape == (n, 1, 2, 2) and torch.allclose(resumed, finished["DDIM-50"][0], atol=1 / 127.5)
     calls, finished = [], {}
-    bench_flagship.draw(runs, n, everything, "card", 1, keep)
+    bench_flagship.draw(runs, n, everything, "card", 1, keep, path)
     assert calls == [] and list(finished) == ["DDIM-50", "base DDPM-1000"]  # each scored from its stored chunks
 
 
@@ -201,6 +201,25 @@ def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_
     assert "| DDIM-50 FID <= 1.25x DDPM-1000's | 1.17x (1.40 ± 0.50 against 1.20 ± 0.50) | yes |" in text
     assert "FID 1.40 ± 0.50 against 2.80 ± 0.50 (inside the spreads), confident 87.0% against 85.0%" in lines[-2]
     assert "FID -0.84 ± 0.30 (beyond twice its spread), confident +2.1% ± 1.2% (inside twice its spread)" in lines[-1]
+    assert "| DDPM-1000 confident >= 90% | 90.0% ± 0.9% | yes |" in text  # the ancestral sampler is read too
+    assert "| DDPM-1000 FID <= 3x the floor | 3.00x (1.20 ± 0.50 against 3 x (0.40 ± 0.30)) | yes |" in text
+    assert "largest class" not in text  # no stored samples judged: no table of what the model keeps
+
+    runs["DDPM-1000"]["histogram"] = [0.1] * 8 + [0.05, 0.15]
+    runs["DDPM-1000"]["copies"] = {"n": 1000, "median": 9.95, "heldout_median": 10.05, "quantile": 0.05}
+    runs["DDPM-1000"]["copies"]["near_share"] = 0.047
+    text = "\n".join(bench_flagship.report({"runs": runs, "n": 1000, "paired": []}, card))
+    assert "beside the held-out digits' 10.05; share nearer than the held-out digits' 5% quantile" in text
+    assert "| DDPM-1000 | 15.0% | 5.0% | 9.95 | 4.7% ± 0.7% |" in text
+
+    # the long run's figure: the flagship beside it, under its own key
+    long_runs = {
+        run.key: measured(1.2, 0.9) for run in bench_flagship.stage_runs(*bench_flagship.STAGES["flagship_long"])
+    }
+    assert "unet_mnist_flow_logit DDIM-50" in long_runs and "unet_mnist_eps DDIM-50" not in long_runs
+    text = "\n".join(bench_flagship.report({"runs": long_runs, "n": 1000, "paired": []}, card, "flagship_long"))
+    assert "Model `unet_mnist_flow_logit_long` (finished;" in text and "`data/benchmarks/flagship_long.json`" in text
+    assert "| `unet_mnist_flow_logit` | DDIM | 50 | schedule | 1.20 ± 0.50 | 0.900 ± 0.009 | 100 |" in text
 
 
 def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():

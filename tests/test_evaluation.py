@@ -10,11 +10,14 @@ from course_lib.metrics import (
     class_spread,
     classifier_features,
     classifier_probabilities,
+    confident_flags,
     confident_fraction,
+    copy_check,
     fid,
     fid_with_spread,
     kid,
     load_digit_classifier,
+    nearest_distances,
     paired_fid_gap,
     real_floor,
     sample_scores,
@@ -111,6 +114,31 @@ def test_shipped_classifier_is_accurate_and_confident_on_heldout(classifier, hel
     assert confident_fraction(classifier, images) >= 0.9
     assert torch.allclose(class_histogram(classifier, images), torch.full((10,), 0.1, dtype=torch.float64), atol=0.02)
     assert classifier_features(classifier, images[:7]).shape == (7, 128)
+
+
+def test_confident_flags_are_the_confident_fraction_image_by_image(classifier, heldout):
+    images = torch.cat([heldout[0][:30], torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(1)) * 2 - 1])
+    flags = confident_flags(classifier, images)
+    top = classifier_probabilities(classifier, images).max(dim=1).values
+    assert flags.dtype == torch.bool and flags.shape == (40,)
+    assert torch.equal(flags, top >= 0.9) and flags.double().mean().item() == confident_fraction(classifier, images)
+    assert not flags[30:].any()  # noise is never read with confidence
+
+
+def test_the_copy_check_tells_training_digits_from_new_ones(heldout):
+    train = load_digits("train")[0]
+    # held-out digits against themselves: the share nearer than their own 5% quantile is 5% by construction
+    new = copy_check(heldout[0])
+    assert new["median"] == new["heldout_median"] and new["near_share"] == pytest.approx(0.05, abs=1e-3)
+    copies = copy_check(train[:200] + 0.01 * torch.randn(200, 1, 28, 28, generator=torch.Generator().manual_seed(2)))
+    assert copies["near_share"] == 1.0 and copies["median"] < 0.1 * copies["heldout_median"]
+    # the distance is plain Euclidean distance in pixels to the nearest reference image
+    moved = train[:3] + torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1) / 28  # every pixel moved by c / 28: 784 of them
+    assert torch.allclose(nearest_distances(moved, train[:3]), torch.tensor([0.5, 1.0, 2.0]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"quantile must lie in \(0, 1\); got 0"):
+        copy_check(heldout[0][:5], quantile=0)
+    with pytest.raises(ValueError, match=r"reference must be digit images"):
+        nearest_distances(heldout[0][:5], torch.zeros(3, 784))
 
 
 def test_noise_scores_far_above_the_real_floor_and_is_no_digit(classifier):
