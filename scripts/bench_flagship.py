@@ -238,10 +238,12 @@ def flagship(n: int, workers: int = 1, figure: str = "flagship") -> list[str]:
         if key in stored_keys(beside):
             store_samples(samples_path(figure), key, samples)
             judge_stored(results, classifier, figure)
-        save_results(figure, results)
+        results["runs"] = {run.key: results["runs"][run.key] for run in stage if run.key in results["runs"]}
+        save_results(figure, results)  # the runs in the stage's order, however many sessions measured them
         print(f"{key}: FID {results['runs'][key]['fid']:.2f} ({time.perf_counter() - began:.0f} s in)", flush=True)
 
     judge_stored(results, classifier, figure)
+    results["runs"] = {run.key: kept[run.key] for run in stage if run.key in kept}
     save_results(figure, results)
     runs = [run for run in stage if run.key not in kept]
     chunks = {**chunks, **{run.key: chunks.get(run.key, {}) for run in runs}}
