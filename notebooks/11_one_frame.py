@@ -917,7 +917,7 @@ flagship_bench = load_results("flagship")
 n, runs = flagship_bench["n"], flagship_bench["runs"]
 floor, floor_sd = runs["DDIM-50"]["fid_floor"], runs["DDIM-50"]["fid_floor_sd"]
 print(f"n = {n}; real-vs-real floor {floor:.2f} ± {floor_sd:.2f}")
-for key, run in runs.items():  # in the bench's order: the flagship's samplers, the eps model, DDPM-1000
+for key, run in runs.items():  # the bench's order: DDIM-50 and the eps model beside it first, DDPM-1000 last
     confident, spread = run["confident_fraction"], fraction_sd(run["confident_fraction"], n)
     print(f"{key:>32}: FID {run['fid']:.2f} ± {run['fid_sd']:.2f}, confident {confident:.1%} ± {spread:.1%}")
 if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that resume across sessions
