@@ -46,6 +46,16 @@ def load_card(name: str, folder: Path | None = None) -> dict:
     return card
 
 
+def images_seen_in_all(name: str, folder: Path | None = None) -> int:
+    """The training images behind a shipped model: its card's `images_seen`, plus, through `training.init_from`,
+    those of the model it was trained from, and so on down the chain (cards exported since issue 15 also record
+    the sum as `images_seen_in_all`; the tests hold them to this count)."""
+    training = load_card(name, folder)["training"]
+    start = training.get("init_from")  # "data/NAME.safetensors (...)"
+    own = training["images_seen"]
+    return own + images_seen_in_all(Path(start.split()[0]).stem, folder) if start else own
+
+
 def load_weights(
     model: torch.nn.Module, name: str, folder: Path | None = None, allow_new: bool = False
 ) -> torch.nn.Module:

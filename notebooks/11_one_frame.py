@@ -82,7 +82,7 @@ from course_lib.sampling import draw_ode_samples, draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.solvers import karras_levels, sigma_of_timestep
 from course_lib.toy import GaussianMixture, bimodal_1d, ring_2d
-from course_lib.weights import load_card, load_model
+from course_lib.weights import images_seen_in_all, load_card, load_model
 
 profile = get_profile()
 decisive = profile.name != "smoke"  # live claims are decided in the cpu and gpu profiles
@@ -863,7 +863,7 @@ check_claim(
 for name in ("unet_mnist_eps", "unet_mnist_flow_logit"):
     card = load_card(name)
     training = card["training"]
-    images = training.get("images_seen_in_all", training["images_seen"])
+    images = images_seen_in_all(name)  # with those of the models it was trained from
     print(f"{name}: {card['about']}")
     print(
         f"    {training['status']}, {images:,} training images, {training['wall_minutes']} min on {training['machine']}"

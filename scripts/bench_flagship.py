@@ -297,7 +297,7 @@ def report(results: dict, card: dict, figure: str = "flagship") -> list[str]:
     ]
     floor, floor_sd = ddim50["fid_floor"], ddim50["fid_floor_sd"]
     lines = [
-        f"Model `{name}` ({training['status']}; {training.get('images_seen_in_all', training['images_seen']):,d} "
+        f"Model `{name}` ({training['status']}; {training['images_seen_in_all']:,d} "
         f"training images in all, the shipped eps model's 768,000 the goal) and `{beside}` beside it, {n} samples "
         f"per sampler from the same noise, on the cosine schedule's clock (`frame.as_vp_model`); FID against {n} "
         f"held-out digits, floor {floor:.2f} ± {floor_sd:.2f}; a confident fraction's spread is its binomial sd. "

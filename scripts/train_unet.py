@@ -50,7 +50,7 @@ from course_lib.recipes import (
 )
 from course_lib.schedules import make_schedule
 from course_lib.train import stop_on_signals, train
-from course_lib.weights import load_card, load_model, save_weights
+from course_lib.weights import images_seen_in_all, load_card, load_model, save_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import replace_section  # noqa: E402
@@ -114,8 +114,8 @@ def export(recipe: Recipe, checkpoint: Path) -> None:
     }
     if recipe.init_from:
         card["training"]["init_from"] = f"data/{recipe.init_from}.safetensors (new layers initialised as no-ops)"
-        before = load_card(recipe.init_from)["training"]["images_seen"]
-        card["training"]["images_seen_in_all"] = before + card["training"]["images_seen"]  # with init_from's
+        before = images_seen_in_all(recipe.init_from)  # all of them, if it was trained from another in turn
+        card["training"]["images_seen_in_all"] = before + card["training"]["images_seen"]
     if recipe.condition:
         card["condition"] = {
             "labels": {"kind": "labels 0-9, 10 = no label", "dropout": LABEL_DROPOUT},

@@ -204,6 +204,31 @@ def test_every_shipped_card_says_what_its_model_is_in_its_recipes_words():
     assert "flagship" in RECIPES["unet_mnist_flow_logit"].about
 
 
+def test_images_seen_in_all_count_down_the_whole_chain_of_models_trained_from_one_another(tmp_path):
+    """A model trained from one that was itself trained from another saw all three runs' images: the count follows
+    init_from to the end (unet_mnist_flow_logit_long's first card counted only its parent's own 512,000)."""
+    import json
+
+    from course_lib.data import data_dir, record_sha256
+    from course_lib.weights import images_seen_in_all, load_card
+
+    chain = {"a": (100, None), "b": (20, "a"), "c": (3, "b")}
+    for name, (images, start) in chain.items():
+        training = {
+            "images_seen": images,
+            **({"init_from": f"data/{start}.safetensors (new layers ...)"} if start else {}),
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps({"training": training}))
+        record_sha256(tmp_path / f"{name}.json")
+    assert [images_seen_in_all(name, tmp_path) for name in "abc"] == [100, 120, 123]
+    for path in sorted(data_dir().glob("*.json")):  # every shipped card that records the sum holds the chain's
+        training = load_card(path.stem).get("training")
+        if isinstance(training, dict) and "images_seen_in_all" in training:
+            assert training["images_seen_in_all"] == images_seen_in_all(path.stem), path.stem
+    assert images_seen_in_all("unet_mnist_flow_logit") == 768_000  # the goal: as many as unet_mnist_eps
+    assert images_seen_in_all("unet_mnist_flow_logit") == images_seen_in_all("unet_mnist_eps")
+
+
 def test_the_transformer_study_trains_every_network_on_the_same_data_and_recipe():
     """Chapter 12: the DiTs and the latent UNet differ in their network only (flow on the same latents, labels)."""
     recipes = [RECIPES[name] for name in TRANSFORMER_STUDY]
