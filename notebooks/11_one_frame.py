@@ -1047,9 +1047,61 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# More images might close what the ODE samplers miss: the recipe `unet_mnist_flow_logit_long` trains the flagship
-# on to 1,280,000 images (past the 768,000 the issue set as the goal, so its card will say how many it took), and
-# `python scripts/bench.py flagship_long` measures it with the flagship beside it, sample for sample.
+# Would more images close what the ODE samplers miss? The issue's goal was to need no more than the eps model's
+# 768,000; it also asks how many it took. The recipe `unet_mnist_flow_logit_long` trains the flagship on from its
+# own weights for another 512,000 images (1,280,000 in all: 320 passes over the training digits, so the copy
+# check matters more), and `python scripts/bench.py flagship_long` measures it the same way, with the flagship beside
+# it from the same noise:
+
+# %%
+long_bench = load_results("flagship_long")
+long_runs = long_bench["runs"]
+print(f"unet_mnist_flow_logit_long: {images_seen_in_all('unet_mnist_flow_logit_long'):,} training images in all")
+for key, run in long_runs.items():
+    confident, spread = run["confident_fraction"], fraction_sd(run["confident_fraction"], long_bench["n"])
+    print(f"{key:>32}: FID {run['fid']:.2f} ± {run['fid_sd']:.2f}, confident {confident:.1%} ± {spread:.1%}")
+unmeasured = [run for run in ("DDIM-100", "DDPM-1000") if run not in long_runs]
+if unmeasured:  # the bench resumes where it stopped, in a later session too
+    print(f"{', '.join(unmeasured):>32}: not measured yet (`python scripts/bench.py flagship_long` resumes)")
+longer, copies = long_runs["DDIM-50"], long_runs["DDIM-50"]["copies"]
+print(
+    f"DDIM-50's nearest training digit: median {copies['median']:.2f} (the flagship's "
+    f"{runs['DDIM-50']['copies']['median']:.2f}, held-out digits {copies['heldout_median']:.2f}); "
+    f"{copies['near_share']:.1%} nearer than the held-out digits' {copies['quantile']:.0%} quantile"
+)
+
+# %% [markdown]
+# Sample for sample, the extra images lowered DDIM-50's FID and raised its confident fraction, both beyond twice
+# the paired spread; the FID is now within 3x the floor. The confident fraction stops just short of 90%, inside one
+# spread of it: a target missed by a hair is still missed. Its samples sit a little nearer to the training digits
+# than the flagship's, yet no more of them are near copies than of new digits.
+
+# %%
+more = {(pair["a"], pair["b"]): pair for pair in long_bench["paired"]}[("DDIM-50", "unet_mnist_flow_logit DDIM-50")]
+long_confident, long_spread = longer["confident_fraction"], fraction_sd(longer["confident_fraction"], n)
+check_claim(
+    clearly_below(more["fid_gap"], more["fid_gap_sd"], 0, 0)
+    and more["confident_gap"] > 2 * more["confident_gap_sd"]
+    and longer["fid"] <= 3 * longer["fid_floor"],
+    "512,000 more images lowered DDIM-50's FID and raised its confident fraction, each beyond twice the paired "
+    "spread; its FID is within 3x the floor",
+    f"paired FID gap {more['fid_gap']:+.2f} ± {more['fid_gap_sd']:.2f}, confident gap {more['confident_gap']:+.1%} ± "
+    f"{more['confident_gap_sd']:.1%}; FID {longer['fid']:.2f} against 3 x {longer['fid_floor']:.2f}",
+)
+check_claim(
+    long_confident < 0.9 < long_confident + long_spread,
+    "the confident fraction is short of 90%, inside one spread of it",
+    f"{long_confident:.1%} ± {long_spread:.1%}",
+)
+check_claim(
+    copies["median"] < runs["DDIM-50"]["copies"]["median"]
+    and copies["near_share"] <= copies["quantile"] + 2 * fraction_sd(copies["quantile"], n)
+    and max(longer["histogram"]) <= 0.15,
+    "its samples are nearer to the training digits than the flagship's, but no more are near copies than new "
+    "digits are (within two spreads), and no class is above 15%",
+    f"median {copies['median']:.2f} against {runs['DDIM-50']['copies']['median']:.2f}; near share "
+    f"{copies['near_share']:.1%}; largest class {max(longer['histogram']):.1%}",
+)
 
 # %% [markdown]
 # ## Summary
@@ -1066,7 +1118,8 @@ plt.show()
 #   scales near one, and eps-prediction pays for lacking it at the noisy end.
 # - On equal budgets the logit-normal flow objective led; trained on to the eps model's 768,000 images it is the
 #   course's flagship: its FID is below the eps model's sample for sample. Its ancestral sampler meets the floor
-#   and confident targets; its ODE samplers read less surely, at any step count, and miss three targets.
+#   and confident targets; its ODE samplers read less surely, at any step count, and miss three targets. Trained
+#   on to 1,280,000 images, its DDIM-50 meets the floor target and comes within one spread of 90% confident.
 #
 # ## Exercises
 #
