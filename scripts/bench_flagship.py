@@ -90,7 +90,6 @@ def stage_runs(model: str, beside: str) -> list[Run]:
     return runs + [Run(model, "DDPM", 1000)]
 
 
-RUNS = stage_runs(*STAGES["flagship"])
 # (the run's key, its reference's, the largest ratio of their FIDs)
 RATIO_TARGETS = [
     ("DDIM-50", "DDPM-1000", 1.25),
@@ -159,7 +158,7 @@ def draw_chunk(job: tuple[Run, int, int]) -> tuple[str, int, dict]:
 
 
 def missing_chunks(runs: list[Run], n: int, chunks: dict) -> list[tuple[Run, int, int]]:
-    """The chunks still to draw, run after run in the order given (RUNS': the quick samplers' results first)."""
+    """The chunks still to draw, run after run in the order given (stage_runs': the quickest answers first)."""
     count = -(-n // CHUNK)
     return [(run, k, min(CHUNK, n - k * CHUNK)) for run in runs for k in range(count) if str(k) not in chunks[run.key]]
 

@@ -173,7 +173,7 @@ def test_the_flagship_table_reads_each_target_with_its_spread_and_the_eps_model_
             "seconds": 100.0,
         }
 
-    runs = {run.key: measured(1.4, 0.87) for run in bench_flagship.RUNS}
+    runs = {run.key: measured(1.4, 0.87) for run in bench_flagship.stage_runs(*bench_flagship.STAGES["flagship"])}
     runs["DDPM-1000"], runs["unet_mnist_eps DDIM-50"] = measured(1.2, 0.9), measured(2.8, 0.85)
     runs["Euler (Karras)-20"] = measured(4.4, 0.75)
     card = {"training": {"status": "finished", "images_seen": 512_000, "images_seen_in_all": 768_000}}
