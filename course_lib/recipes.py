@@ -176,8 +176,8 @@ RECIPES = {
         ),
         # --- the flagship at 768,000 images misses targets with DDIM-50 (confident >= 90%: 87.0% +- 1.1%) and Euler
         # (Karras)-20 (within 1.2x of DPM-Solver++(2M)-20): the issue allows more images if we say how many. The
-        # same recipe again from the flagship's own weights: 512,000 more, 1,280,000 in all (the eps model saw 768,000). The
-        # training set is 4,000 digits (320 passes in all), so its samples are checked for copies as well.
+        # same recipe again from the flagship's own weights: 512,000 more, 1,280,000 in all (the eps model saw
+        # 768,000). The training set is 4,000 digits (320 passes in all), so its samples are checked for copies too.
         Recipe(
             "unet_mnist_flow_logit_long",
             DIGIT_MODEL,
