@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from course_lib.claims import fraction_sd
 from course_lib.data import data_dir, record_sha256, verify_file
 from course_lib.ddpm import Denoiser
+from course_lib.metrics import CONFIDENT
 from course_lib.profiles import describe_machine, synchronize
 from course_lib.sampling import IMAGE_SHAPE
 from course_lib.weights import load_card
@@ -145,6 +148,67 @@ def load_results(name: str) -> dict:
     path = results_path(name)
     verify_file(path, f"python scripts/bench.py {name}")
     return json.loads(path.read_text())
+
+
+# --- the flagship digit model's targets (issue 15; `scripts/bench.py flagship`, chapter 11) -------------------
+
+FLAGSHIP_FLOOR_TIMES = 3.0  # a sampler's FID against the real-vs-real floor (its confident share against CONFIDENT)
+# (a run's key, its reference's, the largest ratio of their FIDs)
+FLAGSHIP_RATIO_TARGETS = (
+    ("DDIM-50", "DDPM-1000", 1.25),
+    ("DPM-Solver++(2M)-20", "DDIM-100", 1.2),
+    ("Euler (Karras)-20", "DPM-Solver++(2M)-20", 1.2),
+    ("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-20", 1.2),
+)
+
+
+class Target(NamedTuple):
+    goal: str  # "DDIM-50 FID <= 3x the floor"
+    measured: str  # the ratio or share with the numbers and spreads it comes from
+    met: bool
+
+
+def flagship_targets(runs: dict[str, dict], n: int) -> list[Target]:
+    """The flagship's targets, judged on one benchmark's runs (`data/benchmarks/flagship*.json`: key -> "fid",
+    "fid_sd", "fid_floor", "fid_floor_sd", "confident_fraction"; n samples each): FID within 3x the floor and at
+    least 90% confident, for DDIM-50 (deterministic) and DDPM-1000 (ancestral), then the FID ratios between
+    samplers. A target whose runs are not measured yet is left out. `met` compares the measured values themselves;
+    `measured` carries their spreads, which say how sure that verdict is."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1; got {n}")
+    targets = []
+    for key in ("DDIM-50", "DDPM-1000"):
+        if key not in runs:
+            continue
+        run = runs[key]
+        floor, floor_sd, confident = run["fid_floor"], run["fid_floor_sd"], run["confident_fraction"]
+        targets += [
+            Target(
+                f"{key} FID <= {FLAGSHIP_FLOOR_TIMES:g}x the floor",
+                f"{run['fid'] / floor:.2f}x ({run['fid']:.2f} ± {run['fid_sd']:.2f} against "
+                f"{FLAGSHIP_FLOOR_TIMES:g} x ({floor:.2f} ± {floor_sd:.2f}))",
+                run["fid"] <= FLAGSHIP_FLOOR_TIMES * floor,
+            ),
+            Target(
+                f"{key} confident >= {CONFIDENT:.0%}",
+                f"{confident:.1%} ± {fraction_sd(confident, n):.1%}",
+                confident >= CONFIDENT,
+            ),
+        ]
+    for key, reference_key, limit in FLAGSHIP_RATIO_TARGETS:
+        if key not in runs or reference_key not in runs:
+            continue
+        run, reference = runs[key], runs[reference_key]
+        ratio = run["fid"] / reference["fid"]
+        targets.append(
+            Target(
+                f"{key} FID <= {limit}x {reference_key}'s",
+                f"{ratio:.2f}x ({run['fid']:.2f} ± {run['fid_sd']:.2f} against {reference['fid']:.2f} ± "
+                f"{reference['fid_sd']:.2f})",
+                ratio <= limit,
+            )
+        )
+    return targets
 
 
 # --- runs that finish one by one across sessions ----------------------------------------------------------------

@@ -228,3 +228,26 @@ def test_best_solver_picks_the_lowest_fid_at_a_budget_and_names_a_missing_one():
     assert benchmark.best_solver(result, 20)["budget"] == 20
     with pytest.raises(ValueError, match="no run at budget 7; measured: \\[10, 20, 50, 199\\]"):
         benchmark.best_solver(result, 7)
+
+
+def test_the_flagship_bench_keeps_a_run_only_for_the_same_card_and_n_with_its_samples_stored():
+    import bench_flagship
+
+    old = {"card_sha256": "card", "n": 1000, "runs": {"DDIM-50": {"fid": 1.4}, "DDIM-100": {"fid": 1.6}}}
+    assert bench_flagship.kept_runs(old, "card", 1000, ["DDIM-50"]) == {"DDIM-50": {"fid": 1.4}}  # DDIM-100 redrawn
+    assert bench_flagship.kept_runs(old, "card", 1000, {"DDIM-50": 0, "DDIM-100": 0}) == old["runs"]
+    assert bench_flagship.kept_runs(old, "other card", 1000, ["DDIM-50", "DDIM-100"]) == {}
+    assert bench_flagship.kept_runs(old, "card", 300, ["DDIM-50", "DDIM-100"]) == {}
+    assert bench_flagship.kept_runs({}, "card", 1000, ["DDIM-50"]) == {}
+
+
+def test_every_flagship_ratio_target_is_also_read_sample_for_sample():
+    import bench_flagship
+
+    from course_lib.benchmark import FLAGSHIP_RATIO_TARGETS
+
+    pairs = bench_flagship.pairs("base")
+    assert pairs[0] == ("DDIM-50", "base DDIM-50")
+    assert pairs[1:] == [(key, reference) for key, reference, _ in FLAGSHIP_RATIO_TARGETS]
+    keys = {run.key for run in bench_flagship.stage_runs("model", "base")}
+    assert {key for pair in pairs for key in pair} <= keys  # every pair's runs are drawn by the figure

@@ -69,3 +69,20 @@ def test_results_round_trip_and_missing_results_say_how_to_make_them(tmp_path, m
     (tmp_path / "benchmarks" / "example.json").write_text('{"n": 4}')
     with pytest.raises(ValueError, match="example.json is damaged"):
         load_results("example")
+
+
+def test_flagship_targets_judge_the_measured_values_and_leave_out_runs_not_measured():
+    def measured(fid, confident):
+        return {"fid": fid, "fid_sd": 0.5, "fid_floor": 0.4, "fid_floor_sd": 0.3, "confident_fraction": confident}
+
+    runs = {"DDIM-50": measured(1.2, 0.9), "DPM-Solver++(2M)-20": measured(1.21, 0.88), "DDIM-100": measured(1.0, 0.9)}
+    targets = benchmark.flagship_targets(runs, n=1000)
+    assert [(target.goal, target.met) for target in targets] == [
+        ("DDIM-50 FID <= 3x the floor", True),  # 1.2 = 3 x 0.4: on the line is met
+        ("DDIM-50 confident >= 90%", True),
+        ("DPM-Solver++(2M)-20 FID <= 1.2x DDIM-100's", False),  # 1.21x
+    ]  # DDPM-1000 and the Euler runs are not measured: their targets wait
+    assert targets[1].measured == "90.0% ± 0.9%"  # the spread beside the share
+    assert targets[2].measured == "1.21x (1.21 ± 0.50 against 1.00 ± 0.50)"
+    with pytest.raises(ValueError, match="n must be at least 1; got 0"):
+        benchmark.flagship_targets(runs, n=0)
