@@ -43,6 +43,7 @@ class Profile:
     lora_train_steps: int  # steps of the LoRA fine-tune trained live (chapter 8)
     style_samples: int  # digits sampled to measure a style (chapter 8)
     float64_digits: int  # digits sampled in float64 to check an identity to rounding (slow on a CPU; chapter 11)
+    frame_digits: int  # digits per model when chapter 11 measures the comparison's models live (2..1000)
     diagnose_digits: int  # held-out digits a model is measured on by `diagnose` (chapter 15; its default is 128)
 
 
@@ -52,7 +53,7 @@ PROFILES = {
         toy_samples=2_000,
         toy_train_steps=200,
         toy_batch_size=128,
-        toy_model_samples=1_000,
+        toy_model_samples=500,
         grid_images=16,
         unet_train_steps=3,
         unet_batch_size=16,
@@ -65,7 +66,8 @@ PROFILES = {
         vae_digits=200,
         lora_train_steps=2,
         style_samples=20,  # two of each digit: the spread within classes needs two
-        float64_digits=4,
+        float64_digits=2,
+        frame_digits=8,
         diagnose_digits=32,
     ),
     "cpu": Profile(
@@ -87,6 +89,7 @@ PROFILES = {
         lora_train_steps=100,
         style_samples=100,
         float64_digits=16,
+        frame_digits=150,
         diagnose_digits=128,
     ),
     "gpu": Profile(
@@ -108,6 +111,7 @@ PROFILES = {
         lora_train_steps=600,
         style_samples=500,
         float64_digits=16,
+        frame_digits=1000,
         diagnose_digits=128,
     ),
 }

@@ -64,14 +64,15 @@ import time
 
 import matplotlib.pyplot as plt
 import torch
+from safetensors.torch import load_file
 
-from course_lib.benchmark import best_solver, load_results
+from course_lib.benchmark import best_solver, flagship_targets, load_results
 from course_lib.claims import check_claim, clearly_below, fraction_sd
-from course_lib.data import data_dir, load_digits
+from course_lib.data import data_dir, load_digits, verify_file
 from course_lib.ddpm import OUTPUT_KINDS, ddpm_sample, prediction_targets, split_output
 from course_lib.edm import P_MEAN, P_STD, SIGMA_DATA, c_out, c_skip, noise_input
 from course_lib.frame import Denoiser, annealed_langevin, as_vp_model, denoiser, ode_sample, score
-from course_lib.metrics import load_digit_classifier, sample_scores, sliced_wasserstein
+from course_lib.metrics import confident_flags, load_digit_classifier, sample_scores, sliced_wasserstein
 from course_lib.nets.mlp import MLPDenoiser
 from course_lib.plotting import show_images
 from course_lib.profiles import get_profile
@@ -81,13 +82,13 @@ from course_lib.sampling import draw_ode_samples, draw_samples
 from course_lib.schedules import make_schedule
 from course_lib.solvers import karras_levels, sigma_of_timestep
 from course_lib.toy import GaussianMixture, bimodal_1d, ring_2d
-from course_lib.weights import load_card, load_model
+from course_lib.weights import images_seen_in_all, load_card, load_model
 
 profile = get_profile()
 decisive = profile.name != "smoke"  # live claims are decided in the cpu and gpu profiles
 torch.set_num_threads(1)
 plt.rcParams["figure.dpi"] = 110
-print(f"profile: {profile.name} | toy training steps: {profile.toy_train_steps} | digits: {profile.sampler_samples}")
+print(f"profile: {profile.name} | toy training steps: {profile.toy_train_steps} | digits: {profile.frame_digits}")
 
 # %% [markdown]
 # ## 1. The score, and Tweedie's formula
@@ -676,11 +677,9 @@ finished = [
     for name in COMPARISON
     if (data_dir() / f"{name}.json").exists() and load_card(name)["training"]["status"] == "finished"
 ]
-trained = {
-    f"{name} ({load_card(name)['prediction_type']})": with_schedule(name)
-    for name in ("unet_mnist_eps", "unet_mnist_flow", *finished)
-}
-x0 = digits[: profile.sampler_samples]
+loaded = {name: with_schedule(name) for name in ("unet_mnist_eps", "unet_mnist_flow", *finished)}
+trained = {f"{name} ({load_card(name)['prediction_type']})": pair for name, pair in loaded.items()}
+x0 = digits[: profile.frame_digits]
 eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(18))
 x0_errors = {}
 for label, (model, schedule) in trained.items():
@@ -735,9 +734,9 @@ for name in COMPARISON:
 classifier = load_digit_classifier()
 fig, axes = plt.subplots(1, len(finished), figsize=(4 * len(finished), 4.4), squeeze=False)
 for ax, name in zip(axes[0], finished, strict=True):
-    model, schedule = with_schedule(name)
+    model, schedule = loaded[name]
     samples, seconds = draw_ode_samples(
-        denoiser(model, schedule=schedule), "dpmpp_2m", profile.sample_steps, profile.sampler_samples
+        denoiser(model, schedule=schedule), "dpmpp_2m", profile.sample_steps, profile.frame_digits
     )
     scores = sample_scores(classifier, samples)
     show_images(
@@ -862,7 +861,7 @@ check_claim(
 for name in ("unet_mnist_eps", "unet_mnist_flow_logit"):
     card = load_card(name)
     training = card["training"]
-    images = training.get("images_seen_in_all", training["images_seen"])
+    images = images_seen_in_all(name)  # with those of the models it was trained from
     print(f"{name}: {card['about']}")
     print(
         f"    {training['status']}, {images:,} training images, {training['wall_minutes']} min on {training['machine']}"
@@ -916,7 +915,7 @@ flagship_bench = load_results("flagship")
 n, runs = flagship_bench["n"], flagship_bench["runs"]
 floor, floor_sd = runs["DDIM-50"]["fid_floor"], runs["DDIM-50"]["fid_floor_sd"]
 print(f"n = {n}; real-vs-real floor {floor:.2f} ± {floor_sd:.2f}")
-for key, run in runs.items():
+for key, run in runs.items():  # the bench's order: DDIM-50 and the eps model beside it first, DDPM-1000 last
     confident, spread = run["confident_fraction"], fraction_sd(run["confident_fraction"], n)
     print(f"{key:>32}: FID {run['fid']:.2f} ± {run['fid_sd']:.2f}, confident {confident:.1%} ± {spread:.1%}")
 if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that resume across sessions
@@ -929,9 +928,7 @@ if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that res
 # both), and measured so the gap lies beyond twice its spread. Its confident fraction is ahead by about two
 # points, inside the paired spread. DPM-Solver++(2M) in 20 calls is as good as DDIM in 100 (target: within 1.2x);
 # Euler (Karras) in 20 calls is not as good as DPM-Solver++(2M) in 20, even from chapter 5's $\sigma_{max} = 80$
-# (a missed target). And the flagship misses two more: fewer than 90% of its DDIM-50 samples read with confidence,
-# by more than two spreads, and its FID is above 3x the floor, a ratio the floor's own spread at n = 1,000 makes
-# uncertain.
+# (a missed target).
 
 # %%
 paired = {(pair["a"], pair["b"]): pair for pair in flagship_bench["paired"]}
@@ -961,12 +958,265 @@ check_claim(
     f"DPM-Solver++(2M)-20 {dpm['fid']:.2f}, DDIM-100 {ddim100['fid']:.2f}; Euler (Karras)-20 {euler['fid']:.2f} "
     f"(sigma_max 80: {euler_80['fid']:.2f})",
 )
-confident, spread = ddim50["confident_fraction"], fraction_sd(ddim50["confident_fraction"], n)
+
+# %% [markdown]
+# Which sampler reaches the targets? The deterministic DDIM-50 does not: fewer than 90% of its samples read with
+# confidence, by more than two spreads, and its FID is above 3x the floor (a ratio the floor's own spread at
+# n = 1,000 makes uncertain). The ancestral DDPM-1000, from the same starting noise, meets both. Its FID is lower
+# than DDIM-50's by more than the 1.25x the course allows, yet sample for sample that gap lies inside twice its
+# spread: at n = 1,000, FID cannot tell the two samplers apart. The confident fraction can: DDPM-1000's samples
+# read surely about five points more often, beyond twice the paired spread. It is not DDIM's step size: DDIM-100
+# reads no more surely than DDIM-50. The ODE carries each starting point to the end along the model's own flow,
+# errors included; the reverse SDE adds fresh noise at every step and denoises it again, which keeps pulling the
+# sample back towards where the model is accurate (Karras et al. 2022, section 4, measure the same effect).
+
+# %%
+ddpm = runs["DDPM-1000"]
+versus_ddpm = paired[("DDIM-50", "DDPM-1000")]
+ddim_confident, ddim_spread = ddim50["confident_fraction"], fraction_sd(ddim50["confident_fraction"], n)
+ddpm_confident, ddpm_spread = ddpm["confident_fraction"], fraction_sd(ddpm["confident_fraction"], n)
 check_claim(
-    confident + 2 * spread < 0.9 and ddim50["fid"] > 3 * floor and floor_sd > floor / 2,
+    ddim_confident + 2 * ddim_spread < 0.9 and ddim50["fid"] > 3 * floor and floor_sd > floor / 2,
     "fewer than 90% of DDIM-50's samples read with confidence, by more than two spreads; its FID is above 3x the "
     "floor, whose own spread is more than half of it",
-    f"confident {confident:.1%} ± {spread:.1%}; FID {ddim50['fid']:.2f} against 3 x ({floor:.2f} ± {floor_sd:.2f})",
+    f"confident {ddim_confident:.1%} ± {ddim_spread:.1%}; FID {ddim50['fid']:.2f} against 3 x ({floor:.2f} ± "
+    f"{floor_sd:.2f})",
+)
+check_claim(
+    ddpm_confident - 2 * ddpm_spread > 0.9 and ddpm["fid"] <= 3 * floor,
+    "DDPM-1000 meets both: at least 90% confident by more than two spreads, FID within 3x the floor",
+    f"confident {ddpm_confident:.1%} ± {ddpm_spread:.1%}; FID {ddpm['fid']:.2f} ± {ddpm['fid_sd']:.2f} against "
+    f"3 x {floor:.2f}",
+)
+check_claim(
+    ddim50["fid"] > 1.25 * ddpm["fid"]
+    and abs(versus_ddpm["fid_gap"]) < 2 * versus_ddpm["fid_gap_sd"]
+    and versus_ddpm["confident_gap"] < -2 * versus_ddpm["confident_gap_sd"]
+    and 0.03 < -versus_ddpm["confident_gap"] < 0.07,
+    "DDIM-50's FID is more than 1.25x DDPM-1000's, a gap inside twice its paired spread; its confident fraction is "
+    "about five points lower, beyond twice the paired spread",
+    f"FID {ddim50['fid']:.2f} against {ddpm['fid']:.2f} ({ddim50['fid'] / ddpm['fid']:.2f}x), paired gap "
+    f"{versus_ddpm['fid_gap']:+.2f} ± {versus_ddpm['fid_gap_sd']:.2f}; confident gap "
+    f"{versus_ddpm['confident_gap']:+.1%} ± {versus_ddpm['confident_gap_sd']:.1%}",
+)
+step_gap = ddim100["confident_fraction"] - ddim_confident
+check_claim(
+    abs(step_gap) < 2 * math.hypot(ddim_spread, fraction_sd(ddim100["confident_fraction"], n)),
+    "DDIM-100 reads no more surely than DDIM-50 (inside twice their spreads combined)",
+    f"DDIM-100 {ddim100['confident_fraction']:.1%}, DDIM-50 {ddim_confident:.1%}",
+)
+
+# %% [markdown]
+# A score is half the judgement; the other half is what the model must keep. The bench reads its stored samples
+# for it: are all ten digits there (no class above the 15% the fine-tunes are held to), and are they new digits
+# rather than copies of the 4,000 the model saw 192 times each? Each sample's distance to its nearest training
+# digit is set beside the same distance for the held-out digits, which no model saw (`metrics.copy_check`). Then
+# the samples themselves: among the first 200 of each, the DDIM-50 samples the classifier does not read with
+# confidence, beside DDPM-1000's.
+
+# %%
+for key in ("DDIM-50", "DDPM-1000", "unet_mnist_eps DDIM-50"):
+    histogram, copies = runs[key]["histogram"], runs[key]["copies"]
+    print(
+        f"{key:>24}: classes {min(histogram):.1%}..{max(histogram):.1%}; nearest training digit: median "
+        f"{copies['median']:.2f} (held-out digits {copies['heldout_median']:.2f}), {copies['near_share']:.1%} "
+        f"nearer than the held-out digits' {copies['quantile']:.0%} quantile"
+    )
+check_claim(
+    all(
+        max(runs[key]["histogram"]) <= 0.15
+        and runs[key]["copies"]["near_share"]
+        <= runs[key]["copies"]["quantile"] + 2 * fraction_sd(runs[key]["copies"]["quantile"], n)
+        for key in ("DDIM-50", "DDPM-1000")
+    ),
+    "the flagship keeps every class (none above 15%) and copies no training digits (no more samples near them "
+    "than new digits, within two spreads)",
+    ", ".join(f"{key}: largest class {max(runs[key]['histogram']):.1%}" for key in ("DDIM-50", "DDPM-1000")),
+)
+stored_path = data_dir() / "benchmarks" / "flagship_samples.safetensors"
+verify_file(stored_path, "python scripts/bench.py flagship --samples 1000 --workers 2")
+stored = load_file(stored_path)  # every run's samples, as uint8
+looked = 200  # the first samples of each, read again here (all 1,000 cost seconds the smoke run lacks)
+fig, axes = plt.subplots(1, 2, figsize=(9, 2.8))
+for ax, key in zip(axes, ("DDIM-50", "DDPM-1000"), strict=True):
+    first = stored[key][:looked].float() / 127.5 - 1
+    unsure = first[~confident_flags(classifier, first)]
+    show_images(unsure[:16], nrow=8, ax=ax, title=f"{key}: {len(unsure)} of the first {looked} read below 0.9")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Would more images close what the ODE samplers miss? The issue's goal was to need no more than the eps model's
+# 768,000; it also asks how many it took. The recipe `unet_mnist_flow_logit_long` trains the flagship on from its
+# own weights for another 512,000 images (1,280,000 in all: 320 passes over the training digits, so the copy
+# check matters more), and `python scripts/bench.py flagship_long` measures it the same way, with the flagship beside
+# it from the same noise. Its first samples, above the flagship's from the same noise:
+
+# %%
+long_bench = load_results("flagship_long")
+long_runs = long_bench["runs"]
+print(f"unet_mnist_flow_logit_long: {images_seen_in_all('unet_mnist_flow_logit_long'):,} training images in all")
+for key, run in long_runs.items():
+    confident, spread = run["confident_fraction"], fraction_sd(run["confident_fraction"], long_bench["n"])
+    copies = run["copies"]
+    print(
+        f"{key:>32}: FID {run['fid']:.2f} ± {run['fid_sd']:.2f}, confident {confident:.1%} ± {spread:.1%}; "
+        f"nearest training digit {copies['median']:.2f}, {copies['near_share']:.1%} near"
+    )
+print(f"{'held-out digits':>32}: nearest training digit {copies['heldout_median']:.2f}, {copies['quantile']:.0%} near")
+long_path = data_dir() / "benchmarks" / "flagship_long_samples.safetensors"
+verify_file(long_path, "python scripts/bench.py flagship_long --samples 1000 --workers 2")
+same_noise = load_file(long_path)
+fig, axes = plt.subplots(2, 1, figsize=(12, 2.6))
+for ax, (key, images) in zip(axes, (("DDIM-50", 1_280_000), ("unet_mnist_flow_logit DDIM-50", 768_000)), strict=True):
+    title = f"DDIM-50 after {images:,} training images (the same noise in both rows)"
+    show_images(same_noise[key][:24].float() / 127.5 - 1, nrow=24, ax=ax, title=title)
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Sample for sample, the extra images lowered DDIM-50's FID and raised its confident fraction, both beyond twice
+# the paired spread; the FID is now within 3x the floor. The confident fraction stops just short of 90%, inside one
+# spread of it: a target missed by a hair is still missed. What it keeps: every class, and no copies. Its samples
+# sit nearer to the training digits than the flagship's (DDPM-1000's nearer still), yet no more of them are near
+# copies than of new digits, within two spreads. Nearer on the median without more near copies reads as cleaner,
+# more typical digits rather than memorised ones; a model trained on much longer would need the same check again.
+
+# %%
+long_paired = {(pair["a"], pair["b"]): pair for pair in long_bench["paired"]}
+more = long_paired[("DDIM-50", "unet_mnist_flow_logit DDIM-50")]
+longer = long_runs["DDIM-50"]
+long_confident, long_spread = longer["confident_fraction"], fraction_sd(longer["confident_fraction"], n)
+check_claim(
+    clearly_below(more["fid_gap"], more["fid_gap_sd"], 0, 0)
+    and more["confident_gap"] > 2 * more["confident_gap_sd"]
+    and longer["fid"] <= 3 * longer["fid_floor"],
+    "512,000 more images lowered DDIM-50's FID and raised its confident fraction, each beyond twice the paired "
+    "spread; its FID is within 3x the floor",
+    f"paired FID gap {more['fid_gap']:+.2f} ± {more['fid_gap_sd']:.2f}, confident gap {more['confident_gap']:+.1%} ± "
+    f"{more['confident_gap_sd']:.1%}; FID {longer['fid']:.2f} against 3 x {longer['fid_floor']:.2f}",
+)
+check_claim(
+    long_confident < 0.9 < long_confident + long_spread,
+    "the confident fraction is short of 90%, inside one spread of it",
+    f"{long_confident:.1%} ± {long_spread:.1%}",
+)
+kept = {key: long_runs[key]["copies"] for key in ("DDIM-50", "DDPM-1000")}
+check_claim(
+    all(
+        copies["median"] < runs["DDIM-50"]["copies"]["median"]
+        and copies["near_share"] <= copies["quantile"] + 2 * fraction_sd(copies["quantile"], n)
+        and max(long_runs[key]["histogram"]) <= 0.15
+        for key, copies in kept.items()
+    )
+    and kept["DDPM-1000"]["median"] < kept["DDIM-50"]["median"],
+    "its samples are nearer to the training digits than the flagship's (DDPM-1000's nearer still), but no more are "
+    "near copies than new digits are (within two spreads), and no class is above 15%",
+    "; ".join(
+        f"{key}: median {copies['median']:.2f}, near share {copies['near_share']:.1%}, largest class "
+        f"{max(long_runs[key]['histogram']):.1%}"
+        for key, copies in kept.items()
+    )
+    + f"; the flagship's DDIM-50 median {runs['DDIM-50']['copies']['median']:.2f}",
+)
+
+# %% [markdown]
+# And the samplers of the longer-trained model? Its DDPM-1000 meets both targets again, now about 94% confident.
+# Its FID no longer leads DDIM-50's at all: sample for sample the gap is near zero, far inside its spread, so
+# DDIM-50 is within 1.25x of it: the ODE caught up on FID. It did not catch up on sureness: DDIM-50 still reads
+# about five points less surely than DDPM-1000 from the same noise, beyond twice the paired spread, as at 768,000.
+# DPM-Solver++(2M) in 20 calls matches DDIM in 100 sample for sample. Euler (Karras) in 20 calls from
+# $\sigma_{max} = 80$ misses its target, 1.2x DPM-Solver++(2M)-20's FID; sample for sample that FID gap lies inside
+# twice its spread, while its confident fraction is lower beyond it: the first-order solver's 20 steps cost
+# sureness more visibly than FID.
+
+# %%
+long_ddpm, long_ddim100 = long_runs["DDPM-1000"], long_runs["DDIM-100"]
+long_dpm, long_euler_80 = long_runs["DPM-Solver++(2M)-20"], long_runs["Euler (Karras)-20 (sigma_max 80)"]
+ode_sde, dpm_ddim = long_paired[("DDIM-50", "DDPM-1000")], long_paired[("DPM-Solver++(2M)-20", "DDIM-100")]
+euler_dpm = long_paired[("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-20")]
+ddpm_confident, ddpm_spread = long_ddpm["confident_fraction"], fraction_sd(long_ddpm["confident_fraction"], n)
+
+
+def inside(pair: dict, kind: str) -> bool:
+    """Whether a paired gap ("fid" or "confident") lies inside twice its spread."""
+    return abs(pair[f"{kind}_gap"]) < 2 * pair[f"{kind}_gap_sd"]
+
+
+check_claim(
+    ddpm_confident - 2 * ddpm_spread > 0.9 and long_ddpm["fid"] <= 3 * long_ddpm["fid_floor"],
+    "its DDPM-1000 meets both targets: at least 90% confident by more than two spreads, FID within 3x the floor",
+    f"confident {ddpm_confident:.1%} ± {ddpm_spread:.1%}; FID {long_ddpm['fid']:.2f} ± {long_ddpm['fid_sd']:.2f}",
+)
+check_claim(
+    longer["fid"] <= 1.25 * long_ddpm["fid"]
+    and inside(ode_sde, "fid")
+    and ode_sde["confident_gap"] < -2 * ode_sde["confident_gap_sd"]
+    and 0.03 < -ode_sde["confident_gap"] < 0.07,
+    "DDIM-50's FID is within 1.25x of DDPM-1000's, the paired gap inside twice its spread; its confident fraction "
+    "is about five points lower, beyond twice the paired spread",
+    f"FID {longer['fid']:.2f} against {long_ddpm['fid']:.2f} ({longer['fid'] / long_ddpm['fid']:.2f}x), paired gap "
+    f"{ode_sde['fid_gap']:+.2f} ± {ode_sde['fid_gap_sd']:.2f}; confident gap {ode_sde['confident_gap']:+.1%} ± "
+    f"{ode_sde['confident_gap_sd']:.1%}",
+)
+check_claim(
+    long_dpm["fid"] <= 1.2 * long_ddim100["fid"] and inside(dpm_ddim, "fid") and inside(dpm_ddim, "confident"),
+    "DPM-Solver++(2M)-20 is within 1.2x of DDIM-100, and sample for sample neither gap lies beyond twice its spread",
+    f"FID {long_dpm['fid']:.2f} against {long_ddim100['fid']:.2f}; paired FID gap {dpm_ddim['fid_gap']:+.2f} ± "
+    f"{dpm_ddim['fid_gap_sd']:.2f}, confident gap {dpm_ddim['confident_gap']:+.1%} ± "
+    f"{dpm_ddim['confident_gap_sd']:.1%}",
+)
+check_claim(
+    long_euler_80["fid"] > 1.2 * long_dpm["fid"]
+    and inside(euler_dpm, "fid")
+    and euler_dpm["confident_gap"] < -2 * euler_dpm["confident_gap_sd"],
+    "Euler (Karras)-20 from sigma_max 80 misses 1.2x DPM-Solver++(2M)-20's FID; its paired FID gap lies inside "
+    "twice its spread, its confident fraction is lower beyond it",
+    f"{long_euler_80['fid'] / long_dpm['fid']:.2f}x; paired FID gap {euler_dpm['fid_gap']:+.2f} ± "
+    f"{euler_dpm['fid_gap_sd']:.2f}, confident gap {euler_dpm['confident_gap']:+.1%} ± "
+    f"{euler_dpm['confident_gap_sd']:.1%}",
+)
+
+# %% [markdown]
+# Where do the two models stand against the targets the issue set? `benchmark.flagship_targets` judges each
+# benchmark's runs as `docs/benchmarks.md` does: a target is met on the measured values, and the spreads printed
+# beside them say how sure that verdict is.
+
+# %%
+standing = {
+    images: {target.goal: target for target in flagship_targets(bench["runs"], bench["n"])}
+    for images, bench in ((768_000, flagship_bench), (1_280_000, long_bench))
+}
+for goal in standing[768_000]:
+    print(goal)
+    for images, targets in standing.items():
+        verdict = targets[goal]
+        print(f"    after {images:>9,} images: {'met' if verdict.met else 'missed'}, {verdict.measured}")
+
+# %% [markdown]
+# So the flow objective needed 1,280,000 training images, 1.67 times the goal, to meet five of the eight targets;
+# at the goal's 768,000 it met three, each of which it still meets. Of the three it misses, one is DDIM-50's
+# confident fraction, short by less than one spread; the other two are Euler (Karras)-20's, from either
+# $\sigma_{max}$: its 20 first-order steps are not as good as DPM-Solver++(2M)'s second-order ones at either budget
+# we trained. Both models ship: the flagship as the equal-budget answer, `unet_mnist_flow_logit_long` as the best
+# digit model the course has.
+
+# %%
+met = {images: {goal for goal, target in targets.items() if target.met} for images, targets in standing.items()}
+check_claim(
+    len(met[768_000]) == 3 and len(met[1_280_000]) == 5 and met[768_000] <= met[1_280_000],
+    "at 768,000 images three targets are met, at 1,280,000 five, among them the first three",
+    f"768,000: {sorted(met[768_000])}; 1,280,000: {sorted(met[1_280_000])}",
+)
+missed = set(standing[1_280_000]) - met[1_280_000]
+check_claim(
+    len(missed) == 3
+    and "DDIM-50 confident >= 90%" in missed
+    and sum(goal.startswith("Euler (Karras)-20") for goal in missed) == 2
+    and long_confident + long_spread > 0.9,
+    "what the longer-trained model misses: DDIM-50's confident fraction (by less than one spread) and Euler "
+    "(Karras)-20's ratios",
+    ", ".join(sorted(missed)),
 )
 
 # %% [markdown]
@@ -983,7 +1233,10 @@ check_claim(
 # - Each objective is a weighting of the same x0 error over noise levels; preconditioning keeps the network's
 #   scales near one, and eps-prediction pays for lacking it at the noisy end.
 # - On equal budgets the logit-normal flow objective led; trained on to the eps model's 768,000 images it is the
-#   course's flagship: its FID is below the eps model's sample for sample, and it still misses three targets.
+#   course's flagship: its FID is below the eps model's sample for sample. Its ancestral sampler meets the floor
+#   and confident targets; its ODE samplers read less surely, at any step count. Trained on to 1,280,000 images
+#   it meets five of the eight targets: the ODE samplers catch up on FID, not on sureness, and Euler (Karras)-20
+#   stays behind DPM-Solver++(2M)-20.
 #
 # ## Exercises
 #

@@ -82,6 +82,7 @@ def test_profile_budgets_fit_what_the_chapters_need(name):
     """FID needs 2..1000 samples (metrics.real_digits); chapter 5 sweeps at least two increasing step counts."""
     profile = PROFILES[name]
     assert 2 <= profile.unet_samples <= 1000 and 2 <= profile.sampler_samples <= 1000
+    assert 2 <= profile.frame_digits <= 1000
     assert len(profile.step_counts) >= 2 and list(profile.step_counts) == sorted(set(profile.step_counts))
     assert 1 <= profile.step_counts[0] and profile.step_counts[-1] <= 1000
 
