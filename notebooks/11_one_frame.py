@@ -1056,7 +1056,7 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# Would more images close what the ODE samplers miss? The issue's goal was to need no more than the eps model's
+# Would more images close what the ODE samplers miss? The course's goal was to need no more than the eps model's
 # 768,000; it also asks how many it took. The recipe `unet_mnist_flow_logit_long` trains the flagship on from its
 # own weights for another 512,000 images (1,280,000 in all: 320 passes over the training digits, so the copy
 # check matters more), and `python scripts/bench.py flagship_long` measures it the same way, with the flagship beside
@@ -1189,9 +1189,9 @@ check_claim(
 )
 
 # %% [markdown]
-# Where do the two models stand against the targets the issue set? `benchmark.flagship_targets` judges each
-# benchmark's runs as `docs/benchmarks.md` does: a target is met on the measured values, and the spreads printed
-# beside them say how sure that verdict is.
+# Where do the two models stand against the targets the course set its digit model? `benchmark.flagship_targets`
+# judges each benchmark's runs as `docs/benchmarks.md` does: a target is met on the measured values, and the
+# spreads printed beside them say how sure that verdict is.
 
 # %%
 standing = {
