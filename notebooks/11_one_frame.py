@@ -918,8 +918,6 @@ print(f"n = {n}; real-vs-real floor {floor:.2f} ± {floor_sd:.2f}")
 for key, run in runs.items():  # the bench's order: DDIM-50 and the eps model beside it first, DDPM-1000 last
     confident, spread = run["confident_fraction"], fraction_sd(run["confident_fraction"], n)
     print(f"{key:>32}: FID {run['fid']:.2f} ± {run['fid_sd']:.2f}, confident {confident:.1%} ± {spread:.1%}")
-if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that resume across sessions
-    print(f"{'DDPM-1000':>32}: not finished yet (`python scripts/bench.py flagship` resumes it)")
 
 # %% [markdown]
 # What the table says. Trained on as many images, the flagship's DDIM-50 FID is lower than the eps model's, but the
@@ -930,7 +928,21 @@ if "DDPM-1000" not in runs:  # a million network calls: drawn in chunks that res
 # sample for sample it is better); Euler (Karras) in 20 calls is not as good as DPM-Solver++(2M) in 20, even from
 # chapter 5's $\sigma_{max} = 80$ (a missed target, and sample for sample a gap beyond twice its spread).
 
+
 # %%
+def inside(pair: dict, kind: str) -> bool:
+    """Whether a paired gap ("fid" or "confident") lies inside twice its spread."""
+    return abs(pair[f"{kind}_gap"]) < 2 * pair[f"{kind}_gap_sd"]
+
+
+def gaps(pair: dict) -> str:
+    """A pair's two paired gaps with their spreads, for a claim's evidence."""
+    return (
+        f"paired FID gap {pair['fid_gap']:+.2f} ± {pair['fid_gap_sd']:.2f}, confident gap "
+        f"{pair['confident_gap']:+.1%} ± {pair['confident_gap_sd']:.1%}"
+    )
+
+
 paired = {(pair["a"], pair["b"]): pair for pair in flagship_bench["paired"]}
 ddim50, base = runs["DDIM-50"], runs["unet_mnist_eps DDIM-50"]
 versus_base = paired[("DDIM-50", "unet_mnist_eps DDIM-50")]
@@ -1000,14 +1012,12 @@ check_claim(
 )
 check_claim(
     ddim50["fid"] > 1.25 * ddpm["fid"]
-    and abs(versus_ddpm["fid_gap"]) < 2 * versus_ddpm["fid_gap_sd"]
+    and inside(versus_ddpm, "fid")
     and versus_ddpm["confident_gap"] < -2 * versus_ddpm["confident_gap_sd"]
     and 0.03 < -versus_ddpm["confident_gap"] < 0.07,
     "DDIM-50's FID is more than 1.25x DDPM-1000's, a gap inside twice its paired spread; its confident fraction is "
     "about five points lower, beyond twice the paired spread",
-    f"FID {ddim50['fid']:.2f} against {ddpm['fid']:.2f} ({ddim50['fid'] / ddpm['fid']:.2f}x), paired gap "
-    f"{versus_ddpm['fid_gap']:+.2f} ± {versus_ddpm['fid_gap_sd']:.2f}; confident gap "
-    f"{versus_ddpm['confident_gap']:+.1%} ± {versus_ddpm['confident_gap_sd']:.1%}",
+    f"FID {ddim50['fid']:.2f} against {ddpm['fid']:.2f} ({ddim50['fid'] / ddpm['fid']:.2f}x); {gaps(versus_ddpm)}",
 )
 step_gap = ddim100["confident_fraction"] - ddim_confident
 check_claim(
@@ -1103,8 +1113,7 @@ check_claim(
     and longer["fid"] <= 3 * longer["fid_floor"],
     "512,000 more images lowered DDIM-50's FID and raised its confident fraction, each beyond twice the paired "
     "spread; its FID is within 3x the floor",
-    f"paired FID gap {more['fid_gap']:+.2f} ± {more['fid_gap_sd']:.2f}, confident gap {more['confident_gap']:+.1%} ± "
-    f"{more['confident_gap_sd']:.1%}; FID {longer['fid']:.2f} against 3 x {longer['fid_floor']:.2f}",
+    f"{gaps(more)}; FID {longer['fid']:.2f} against 3 x {longer['fid_floor']:.2f}",
 )
 check_claim(
     long_confident < 0.9 < long_confident + long_spread,
@@ -1148,11 +1157,6 @@ euler_dpm = long_paired[("Euler (Karras)-20 (sigma_max 80)", "DPM-Solver++(2M)-2
 ddpm_confident, ddpm_spread = long_ddpm["confident_fraction"], fraction_sd(long_ddpm["confident_fraction"], n)
 
 
-def inside(pair: dict, kind: str) -> bool:
-    """Whether a paired gap ("fid" or "confident") lies inside twice its spread."""
-    return abs(pair[f"{kind}_gap"]) < 2 * pair[f"{kind}_gap_sd"]
-
-
 check_claim(
     ddpm_confident - 2 * ddpm_spread > 0.9 and long_ddpm["fid"] <= 3 * long_ddpm["fid_floor"],
     "its DDPM-1000 meets both targets: at least 90% confident by more than two spreads, FID within 3x the floor",
@@ -1165,16 +1169,13 @@ check_claim(
     and 0.03 < -ode_sde["confident_gap"] < 0.07,
     "DDIM-50's FID is within 1.25x of DDPM-1000's, the paired gap inside twice its spread; its confident fraction "
     "is about five points lower, beyond twice the paired spread",
-    f"FID {longer['fid']:.2f} against {long_ddpm['fid']:.2f} ({longer['fid'] / long_ddpm['fid']:.2f}x), paired gap "
-    f"{ode_sde['fid_gap']:+.2f} ± {ode_sde['fid_gap_sd']:.2f}; confident gap {ode_sde['confident_gap']:+.1%} ± "
-    f"{ode_sde['confident_gap_sd']:.1%}",
+    f"FID {longer['fid']:.2f} against {long_ddpm['fid']:.2f} ({longer['fid'] / long_ddpm['fid']:.2f}x); "
+    f"{gaps(ode_sde)}",
 )
 check_claim(
     long_dpm["fid"] <= 1.2 * long_ddim100["fid"] and inside(dpm_ddim, "fid") and inside(dpm_ddim, "confident"),
     "DPM-Solver++(2M)-20 is within 1.2x of DDIM-100, and sample for sample neither gap lies beyond twice its spread",
-    f"FID {long_dpm['fid']:.2f} against {long_ddim100['fid']:.2f}; paired FID gap {dpm_ddim['fid_gap']:+.2f} ± "
-    f"{dpm_ddim['fid_gap_sd']:.2f}, confident gap {dpm_ddim['confident_gap']:+.1%} ± "
-    f"{dpm_ddim['confident_gap_sd']:.1%}",
+    f"FID {long_dpm['fid']:.2f} against {long_ddim100['fid']:.2f}; {gaps(dpm_ddim)}",
 )
 check_claim(
     long_euler_80["fid"] > 1.2 * long_dpm["fid"]
@@ -1183,9 +1184,7 @@ check_claim(
     and euler_dpm["confident_gap"] < -2 * euler_dpm["confident_gap_sd"],
     "Euler (Karras)-20 from sigma_max 80 misses 1.2x DPM-Solver++(2M)-20's FID; its paired FID gap, beyond twice "
     "its spread at 768,000 images, lies inside it; its confident fraction is lower beyond it",
-    f"{long_euler_80['fid'] / long_dpm['fid']:.2f}x; paired FID gap {euler_dpm['fid_gap']:+.2f} ± "
-    f"{euler_dpm['fid_gap_sd']:.2f}, confident gap {euler_dpm['confident_gap']:+.1%} ± "
-    f"{euler_dpm['confident_gap_sd']:.1%}",
+    f"{long_euler_80['fid'] / long_dpm['fid']:.2f}x; {gaps(euler_dpm)} (at 768,000 images: {gaps(euler_80_dpm)})",
 )
 
 # %% [markdown]
